@@ -1,0 +1,67 @@
+"""Shard lists: brace expansion, existence checks, sample counts, and opening a shard's bytes."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+from webdataset.shardlists import expand_urls
+
+from training.errors import UserError
+
+
+def expand_shards(spec: str) -> list[str]:
+    """``a/{000..009}.tar::b/x.tar`` -> the list of shard paths, checked to exist.
+
+    ``::`` separates several lists, as in open_clip's ``--train-data``.
+    """
+    urls: list[str] = []
+    for part in filter(None, (p.strip() for p in spec.split("::"))):
+        try:
+            urls.extend(expand_urls(part))
+        except ValueError as error:
+            raise UserError(f"bad shard pattern '{part}': {error}") from None
+    if not urls:
+        raise UserError(f"no shards given (shard list '{spec}' is empty)")
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"shard not found: {missing[0]}{more}")
+    empty = [u for u in urls if Path(u).stat().st_size == 0]
+    if empty:
+        raise UserError(f"shard is empty: {empty[0]}")
+    return urls
+
+
+def open_shard(url: str) -> dict:
+    """The source record webdataset's tar expander reads: ``{"url", "stream"}``."""
+    return {"url": url, "stream": open(url, "rb")}
+
+
+def count_samples(urls: list[str]) -> int:
+    """Samples in the shards: from ``sizes.json`` beside them when it lists them all, else by reading."""
+    total = 0
+    sizes_cache: dict[Path, dict] = {}
+    for url in urls:
+        path = Path(url)
+        sizes_file = path.parent / "sizes.json"
+        if sizes_file not in sizes_cache:
+            sizes_cache[sizes_file] = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+        if path.name in sizes_cache[sizes_file]:
+            total += int(sizes_cache[sizes_file][path.name])
+        else:
+            total += _count_in_tar(path)
+    return total
+
+
+def _count_in_tar(path: Path) -> int:
+    keys = set()
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if member.isreg():
+                    keys.add(member.name.rsplit("/", 1)[-1].split(".", 1)[0])
+    except (tarfile.TarError, EOFError, OSError):
+        pass  # a truncated shard counts what it has; the loader skips the rest
+    return len(keys)

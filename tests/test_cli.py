@@ -1,0 +1,74 @@
+"""A user's mistake gets one clear line on stderr and exit status 2, never a traceback."""
+
+import json
+import urllib.request
+
+import pytest
+
+from tests.conftest import free_port, tandem
+from training.metrics import MetricsLogger
+
+
+def assert_one_line_error(proc, needle):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("tandem: error:") and needle in lines[-1], proc.stderr
+    assert len([line for line in lines if line.startswith("tandem: error:")]) == 1
+
+
+@pytest.fixture
+def good_config(tmp_path, synth_data):
+    def write(extra: str = "", shards: str | None = None):
+        shards = shards or f"{synth_data}/train/shard-{{00000..00003}}.tar"
+        path = tmp_path / "c.toml"
+        path.write_text(f'[data]\ntrain_shards = "{shards}"\n{extra}\n')
+        return str(path)
+    return write
+
+
+def test_missing_shard(good_config, tmp_path):
+    proc = tandem("train", "--config", good_config(shards=f"{tmp_path}/nothing-{{0..9}}.tar"), "--nproc", "2")
+    assert_one_line_error(proc, "shard not found")
+
+
+def test_empty_shard(good_config, tmp_path):
+    (tmp_path / "e.tar").write_bytes(b"")
+    assert_one_line_error(tandem("train", "--config", good_config(shards=str(tmp_path / "e.tar"))), "shard is empty")
+
+
+def test_empty_shard_list(good_config):
+    assert_one_line_error(tandem("train", "--config", good_config(shards=" ")), "no shards given")
+
+
+def test_unknown_config_key(good_config):
+    assert_one_line_error(tandem("train", "--config", good_config("batchsize = 3")), "data.batchsize")
+
+
+def test_missing_config_file(tmp_path):
+    assert_one_line_error(tandem("train", "--config", str(tmp_path / "no.toml")), "config file not found")
+
+
+def test_unknown_model(good_config):
+    assert_one_line_error(tandem("train", "--config", good_config(), "--set", 'model.name="ViT-Q-99"'), "unknown model")
+
+
+def test_eval_and_export_of_wrong_directories(tmp_path, synth_data):
+    assert_one_line_error(tandem("eval", "--model", str(tmp_path), "--data", str(synth_data / "test"),
+                                 "--classes", str(synth_data / "classes.json")), "not an exported model")
+    assert_one_line_error(tandem("export", "--run", str(tmp_path)), "not a Tandem run directory")
+    assert_one_line_error(tandem("data", "synth", "--out", str(tmp_path / "d"), "--train-samples", "0"), "train_samples")
+
+
+def test_metrics_logger_writes_jsonl_and_serves_prometheus(tmp_path):
+    port = free_port()
+    logger = MetricsLogger(tmp_path, total_steps=10, port=port)
+    try:
+        logger.log(3, {"loss": 1.5, "temperature": 20.0, "lr": 1e-3, "samples_per_s": 99.0, "data_wait_s": 0.01},
+                   skipped=2)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        logger.close()
+    assert "tandem_train_loss 1.5" in body and "tandem_train_step 3.0" in body
+    assert "tandem_train_skipped_samples_total 2.0" in body
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["temperature"] == 20.0

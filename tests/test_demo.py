@@ -1,0 +1,25 @@
+"""`tandem demo` end to end, on a smaller budget than the README's full run."""
+
+import json
+
+import pytest
+
+from tests.conftest import tandem
+from training.demo import EVAL_KEYS
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_generates_trains_evaluates_and_exports(tmp_path):
+    out = tmp_path / "demo"
+    proc = tandem("demo", "--out", str(out), "--train-samples", "512", "--test-samples", "128",
+                  "--set", "train.steps=4", "--set", "data.batch_size=32")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert set(EVAL_KEYS) <= set(result) and result["num_samples"] == 128
+    assert all(0.0 <= result[k] <= 1.0 for k in EVAL_KEYS)
+    assert (out / "run" / "export" / "open_clip_config.json").is_file()
+    assert "eval.json" in proc.stdout and "zero_shot_top1" in proc.stdout
+    # a second run reuses the dataset instead of regenerating it
+    again = tandem("demo", "--out", str(out), "--set", "train.steps=2", "--set", "data.batch_size=32")
+    assert again.returncode == 0 and "using the dataset" in again.stdout

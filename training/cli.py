@@ -1,0 +1,162 @@
+"""``tandem``: demo, train, eval, export and data commands.
+
+Each command parses, builds and runs; a user's mistake (``UserError``) prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from training.errors import UserError
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Distributed CLIP training and evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="synthetic data -> 2-process DeepSpeed training -> eval -> export")
+    demo.add_argument("--out", default="demo_out", help="output directory (default: ./demo_out)")
+    demo.add_argument("--nproc", type=int, default=2, help="local training processes (default: 2)")
+    demo.add_argument("--train-samples", type=int, default=20000)
+    demo.add_argument("--test-samples", type=int, default=2000)
+    demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override the demo config (training/configs/demo.toml)")
+
+    train = sub.add_parser("train", help="train a CLIP model from a TOML config")
+    train.add_argument("--config", help="TOML file with the deltas from the defaults")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    train.add_argument("--resume", help="'latest' or a checkpoint tag in the run directory")
+    train.add_argument("--nproc", type=int, default=1, help="start N local processes (torchrun)")
+
+    ev = sub.add_parser("eval", help="zero-shot classification and retrieval of an exported model")
+    ev.add_argument("--model", required=True, help="export directory (open_clip local-dir format)")
+    ev.add_argument("--data", required=True, help="test shards: a directory or a brace pattern")
+    ev.add_argument("--classes", required=True, help="classes.json with classes and templates")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+    ex = sub.add_parser("export", help="consolidated fp32 open_clip export of a checkpoint")
+    ex.add_argument("--run", required=True, help="run directory of a training run")
+    ex.add_argument("--tag", help="checkpoint tag (default: latest)")
+    ex.add_argument("--out", help="export directory (default: RUN/export)")
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write the procedural image-caption shards")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--train-samples", type=int, default=20000)
+    synth.add_argument("--test-samples", type=int, default=2000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=64)
+    return parser
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    prefix = "[tandem] " if rank == 0 else f"[tandem rank {rank}] "
+    logging.basicConfig(level=logging.WARNING, format=prefix + "%(message)s")
+    for ours in ("training", "data", "serving"):
+        logging.getLogger(ours).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def shard_pattern(path: str) -> str:
+    """A directory of ``*.tar`` becomes a list of its shards; anything else is taken as a pattern."""
+    folder = Path(path)
+    if folder.is_dir():
+        shards = sorted(str(p) for p in folder.glob("*.tar"))
+        if not shards:
+            raise UserError(f"no .tar shards in {folder}")
+        return "::".join(shards)
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training import config as config_mod
+    from training import distributed
+
+    cfg = config_mod.load(args.config, args.set)
+    if args.nproc > 1 and not distributed.launched():
+        from training.launch import run_local
+        from training.trainer import check_inputs
+
+        check_inputs(cfg)
+        forwarded = ["train"] + (["--config", args.config] if args.config else [])
+        forwarded += [part for item in args.set for part in ("--set", item)]
+        forwarded += ["--resume", args.resume] if args.resume else []
+        return run_local(args.nproc, forwarded)
+    from training.trainer import check_inputs, train
+
+    check_inputs(cfg)
+    result = train(cfg, resume=args.resume)
+    if result and distributed.is_main():
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_export
+
+    result = evaluate_export(args.model, shard_pattern(args.data), args.classes, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.export import export_checkpoint
+
+    out = export_checkpoint(Path(args.run), Path(args.out or Path(args.run) / "export"), args.tag)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from data.synth import write_dataset
+
+    start = time.time()
+    try:
+        summary = write_dataset(args.out, args.train_samples, args.test_samples, seed=args.seed,
+                                image_size=args.image_size)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    print(f"wrote {summary['train']['samples']} train and {summary['test']['samples']} test samples, "
+          f"{summary['classes']} classes, to {args.out} in {time.time() - start:.1f}s")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from training.demo import run_demo
+
+    return run_demo(Path(args.out), nproc=args.nproc, train_samples=args.train_samples,
+                    test_samples=args.test_samples, overrides=args.set)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "data": cmd_data, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        print(f"tandem: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tandem: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

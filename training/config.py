@@ -1,0 +1,230 @@
+"""Run configuration: frozen dataclasses, one per component, filled from TOML deltas.
+
+A TOML file states only what differs from the defaults below. ``--set section.key=value`` overrides
+apply on top. Unknown sections or keys are errors that name the offending key, because a typo that
+silently falls back to a default wastes a multi-GPU run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from training.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the image-caption shards are and how they are batched."""
+
+    train_shards: str = ""
+    """WebDataset shard list in brace notation, e.g. ``/data/train/shard-{00000..00099}.tar``."""
+    train_num_samples: int = 0
+    """Samples in one epoch; 0 reads ``sizes.json`` beside the shards, else counts the tars."""
+    val_shards: str = ""
+    """Held-out shards for zero-shot and retrieval evaluation ("" disables evaluation)."""
+    classes: str = ""
+    """``classes.json`` with ``classes`` and ``templates`` for zero-shot evaluation."""
+    batch_size: int = 128
+    """Micro-batch per rank; the global batch (and the negatives per step) is ``batch_size * world``."""
+    eval_batch_size: int = 256
+    """Batch per rank during evaluation."""
+    workers: int = 1
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 2000
+    """Samples held in the shuffle buffer of each worker."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which open_clip model to train."""
+
+    name: str = "tandem-tiny"
+    """open_clip model name (``open_clip.list_models()``) or the path of a model-config JSON file."""
+    hf_text_model: str = ""
+    """Local directory of a Hugging Face text encoder that replaces the text tower ("" keeps it)."""
+    hf_pooler: str = "mean_pooler"
+    """Pooling of the Hugging Face tower's token states (open_clip's ``hf_pooler_type``)."""
+    context_length: int = 0
+    """Tokenizer context length; 0 keeps the model config's value."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """The contrastive objective."""
+
+    impl: str = "gather"
+    """``gather``: each rank scores its rows against the whole gathered global batch."""
+    init_temperature: float = 0.07
+    """Initial softmax temperature; ``logit_scale`` starts at ``log(1 / init_temperature)``."""
+    max_logit_scale: float = 100.0
+    """Upper bound of ``exp(logit_scale)``, enforced on the optimizer's own copy of the parameter."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    """Applied to weight matrices only; never to biases, norms, embeddings or the temperature."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    """The cosine ends at ``lr * min_lr_ratio``."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Length of the run, precision, parallelism and bookkeeping."""
+
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    """Optimizer steps in the whole run."""
+    seed: int = 0
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage, 0 to 3."""
+    precision: str = "auto"
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``."""
+    log_every: int = 1
+    """Steps between metric records (JSON lines, Prometheus, progress bar)."""
+    checkpoint_every: int = 0
+    """Steps between DeepSpeed checkpoints (0: only the final one)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk; older ones are deleted."""
+    eval_every: int = 0
+    """Steps between evaluations (0: only at the end)."""
+    metrics_port: int = 0
+    """Port of rank 0's Prometheus endpoint (0 disables it)."""
+    export: bool = True
+    """Write the consolidated open_clip export at the end of the run."""
+    stop_at: int = 0
+    """Checkpoint and exit after this step, as a preempted job would (0: run to ``steps``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        """Reject values no run could use; return self so calls chain."""
+        checks = [
+            (self.data.batch_size >= 1, "data.batch_size must be >= 1"),
+            (self.data.workers >= 0, "data.workers must be >= 0"),
+            (self.train.steps >= 1, "train.steps must be >= 1"),
+            (self.train.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),
+            (self.train.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
+            (self.loss.impl in LOSS_IMPLS, f"loss.impl must be one of {', '.join(LOSS_IMPLS)}"),
+            (0 < self.loss.init_temperature, "loss.init_temperature must be > 0"),
+            (self.loss.max_logit_scale > 1 / self.loss.init_temperature,
+             "loss.max_logit_scale must exceed 1 / loss.init_temperature"),
+            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (bool(self.data.train_shards), "data.train_shards is empty: name the training shards"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
+
+LOSS_IMPLS = ("gather",)
+_SECTION_TYPES = {f.name: type(f.default_factory()) for f in fields(Config)}
+
+
+def _coerce(section: str, key: str, value: Any, kind: type) -> Any:
+    default = getattr(kind(), key)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    raise UserError(f"{section}.{key} must be a {type(default).__name__}, got {value!r}")
+
+
+def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
+    """Apply a nested ``{section: {key: value}}`` delta to ``base`` (defaults when None)."""
+    base = base or Config()
+    sections = {}
+    for section, values in raw.items():
+        if section not in _SECTION_TYPES:
+            raise UserError(f"unknown config section '{section}' (known: {', '.join(_SECTION_TYPES)})")
+        if not isinstance(values, dict):
+            raise UserError(f"config section '{section}' must be a table")
+        kind = _SECTION_TYPES[section]
+        known = {f.name for f in fields(kind)}
+        for key in values:
+            if key not in known:
+                raise UserError(f"unknown config key '{section}.{key}' (known: {', '.join(sorted(known))})")
+        updates = {k: _coerce(section, k, v, kind) for k, v in values.items()}
+        sections[section] = dataclasses.replace(getattr(base, section), **updates)
+    return dataclasses.replace(base, **sections)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``section.key=value`` into a nested delta; the value is read as TOML, else as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"--set expects section.key=value, got '{text}'")
+    path, value = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return {section: {key: parsed}}
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or nothing) and apply ``--set`` overrides; validation is the caller's call."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise UserError(f"config file {path} is not valid TOML: {error}") from None
+        config = from_dict(raw, config)
+    for text in overrides:
+        config = from_dict(parse_override(text), config)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: Config) -> str:
+    """Serialise the resolved config; every value is a TOML scalar, so no TOML writer is needed."""
+    lines = []
+    for section, values in to_dict(config).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                rendered = "true" if value else "false"
+            elif isinstance(value, str):
+                rendered = json.dumps(value)
+            else:
+                rendered = repr(value)
+            lines.append(f"{key} = {rendered}")
+        lines.append("")
+    return "\n".join(lines)

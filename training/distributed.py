@@ -1,0 +1,243 @@
+"""Process group, DeepSpeed engine and collectives.
+
+This is the only module that imports deepspeed. Everything else asks ``rank()`` and
+``world_size()``, which answer 0 and 1 when no process group exists, so model, loss and data code
+never branch on "am I distributed?".
+
+The launch contract is the standard one: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
+and ``MASTER_PORT``, as set by ``torchrun``, the ``deepspeed`` launcher, the Kubeflow operator, or
+by hand. With none of them set, ``init()`` forms a one-process group on loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launched() -> bool:
+    """True when a launcher (or Kubernetes) already set the rendezvous variables."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(timeout_s: float | None = None) -> None:
+    """Join (or form) the process group: NCCL on GPU, gloo on CPU."""
+    if is_initialized():
+        return
+    if not launched():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    timeout_s = timeout_s or float(os.environ.get("TANDEM_DIST_TIMEOUT_S", 600))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    _quiet_deepspeed()
+    import deepspeed
+
+    deepspeed.init_distributed(
+        dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False
+    )
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_max(value: int) -> int:
+    if not is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    if not is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _collective_device() -> torch.device:
+    return device() if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's rows; backward returns this rank's rows of the summed gradient.
+
+    Each rank's loss depends on every rank's rows (they are its negatives), so the gradient of a
+    row is the sum over all ranks' losses: an all-reduce of the full gradient, then this rank's
+    slice. Plain all-reduce works on gloo, where reduce-scatter does not.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``[B, ...]`` on each rank -> ``[world * B, ...]`` in rank order, differentiable."""
+    if world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+def lift_scalar_parameters(model: torch.nn.Module) -> list[str]:
+    """Give 0-dim parameters shape ``[1]``; returns their names.
+
+    DeepSpeed (0.19.8) views every parameter as bytes to broadcast it when the engine starts, which
+    fails on 0-dim tensors such as open_clip's ``logit_scale``. A one-element vector broadcasts the
+    same in every formula; the export puts the open_clip shape back.
+    """
+    lifted = []
+    for name, param in list(model.named_parameters()):
+        if param.dim() == 0:
+            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(param.detach().reshape(1)))
+            lifted.append(name)
+    return lifted
+
+
+def build_engine(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    micro_batch: int,
+    zero_stage: int,
+    bf16: bool,
+    grad_clip: float,
+):
+    """Wrap model and optimizer in a DeepSpeed engine; gradients are averaged over ranks."""
+    import deepspeed
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        # Tandem's optimizer is torch AdamW plus a clamp; DeepSpeed calls it untested.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
+
+
+def save_checkpoint(engine, directory: Path, tag: str, client_state: dict) -> None:
+    """Every rank writes its shard; DeepSpeed records ``tag`` in ``directory/latest``."""
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+
+
+def load_checkpoint(engine, directory: Path, tag: str | None) -> dict:
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+    return client_state or {}
+
+
+def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint, whatever its ZeRO stage and precision.
+
+    ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer files, so DeepSpeed's own
+    converter reassembles them; stage 0 stores the whole fp32 module in one file.
+    """
+    _quiet_deepspeed()
+    ckpt = Path(directory) / tag
+    if any(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    else:
+        files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"no model states in {ckpt}")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}
+
+
+def _quiet_deepspeed() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:  # deepspeed is optional for serving-only installs
+        pass

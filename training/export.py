@@ -1,0 +1,80 @@
+"""Consolidated fp32 export in open_clip's ``local-dir:`` format.
+
+The directory holds ``open_clip_config.json`` (``{"model_cfg", "preprocess_cfg"}``) and
+``open_clip_model.safetensors``; a Hugging Face text tower also brings its config and tokenizer
+files, so ``open_clip.create_model_and_transforms("local-dir:DIR")`` and
+``open_clip.get_tokenizer("local-dir:DIR")`` need nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from training import distributed
+from training.errors import UserError
+from training.model import create_model
+
+MODEL_CFG_FILE = "model_cfg.json"  # beside the checkpoints: what open_clip builds
+_HF_FILES = ("*.json", "*.txt", "*.model")  # HF config and tokenizer, never its weights
+
+
+def write_run_model_config(run_dir: Path, model_cfg: dict, preprocess_cfg: dict) -> None:
+    (run_dir / MODEL_CFG_FILE).write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
+    )
+
+
+def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, preprocess_cfg: dict, out: Path) -> Path:
+    """Load ``state`` into a fresh open_clip model (strictly) and write it as an export."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = copy.deepcopy(model_cfg)
+    hf_source = model_cfg["text_cfg"].get("hf_model_name")
+    if hf_source:
+        for pattern in _HF_FILES:
+            for path in Path(hf_source).glob(pattern):
+                shutil.copy2(path, out / path.name)
+        model_cfg["text_cfg"]["hf_model_name"] = str(out.resolve())
+        model_cfg["text_cfg"]["hf_tokenizer_name"] = str(out.resolve())
+    model = create_model(model_cfg, pretrained_text=False)
+    reference = model.state_dict()
+    # The trainer's one-element logit_scale goes back to open_clip's 0-dim shape.
+    state = {k: v.reshape(reference[k].shape) if k in reference else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
+    )
+    return out
+
+
+def latest_tag(checkpoint_dir: Path) -> str:
+    latest = checkpoint_dir / "latest"
+    if not latest.is_file():
+        raise UserError(f"no checkpoint found in {checkpoint_dir}")
+    return latest.read_text().strip()
+
+
+def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None) -> Path:
+    """Export a DeepSpeed checkpoint of ``run_dir`` (``tag`` or the latest)."""
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / MODEL_CFG_FILE
+    if not cfg_file.is_file():
+        raise UserError(f"{run_dir} is not a Tandem run directory (no {MODEL_CFG_FILE})")
+    saved: dict[str, Any] = json.loads(cfg_file.read_text())
+    checkpoint_dir = run_dir / "checkpoints"
+    tag = tag or latest_tag(checkpoint_dir)
+    if not (checkpoint_dir / tag).is_dir():
+        raise UserError(f"no checkpoint '{tag}' in {checkpoint_dir}")
+    state = distributed.consolidated_state_dict(checkpoint_dir, tag)
+    return export_state_dict(state, saved["model_cfg"], saved["preprocess_cfg"], out)

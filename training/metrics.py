@@ -1,0 +1,84 @@
+"""Per-step metrics: JSON lines in the run directory, Prometheus on rank 0, a progress display.
+
+Only rank 0 records; the values it records are already averaged over ranks by the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+log = logging.getLogger(__name__)
+
+GAUGES = {
+    "loss": "Contrastive loss of the last step, averaged over ranks.",
+    "temperature": "Learned softmax scale exp(logit_scale) (the inverse temperature).",
+    "lr": "Learning rate of the last step.",
+    "samples_per_s": "Global training throughput over the last step.",
+    "data_wait_s": "Seconds the last step waited for its batch, averaged over ranks.",
+    "step": "Optimizer steps completed.",
+}
+
+
+class MetricsLogger:
+    """Writes ``metrics.jsonl``, serves ``/metrics`` when ``port`` is set, and shows progress."""
+
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int = 0, port: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        if not enabled:
+            return
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.registry = CollectorRegistry()
+        self.gauges = {k: Gauge(f"tandem_train_{k}", doc, registry=self.registry) for k, doc in GAUGES.items()}
+        self.skipped = Counter("tandem_train_skipped_samples", "Samples skipped as corrupt or incomplete.",
+                               registry=self.registry)
+        self.server = None
+        if port:
+            self.server, _ = start_http_server(port, registry=self.registry)
+            log.info("Prometheus metrics on port %d", port)
+        self.bar = self._progress_bar(start_step)
+        self.every = max(1, total_steps // 20)
+
+    def _progress_bar(self, start_step: int):
+        if not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, values: dict[str, Any], skipped: int = 0) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            if key in self.gauges:
+                self.gauges[key].set(value)
+        self.gauges["step"].set(step)
+        if skipped:
+            self.skipped.inc(skipped)
+        self._show(step, values)
+
+    def _show(self, step: int, values: dict[str, Any]) -> None:
+        summary = f"loss {values['loss']:.4f}  T {values['temperature']:.1f}  {values['samples_per_s']:.0f} samples/s"
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(summary)
+        elif step % self.every == 0 or step == self.total_steps:
+            print(f"step {step}/{self.total_steps}  {summary}", flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.server is not None:
+            self.server.shutdown()

@@ -1,0 +1,244 @@
+"""The CLIP training loop on a DeepSpeed engine.
+
+Shape legend: B = micro-batch per rank, W = world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.pipeline import StreamSpec, make_loader
+from data.shards import count_samples, expand_shards
+from training import distributed
+from training.config import Config, to_toml
+from training.evaluate import evaluate
+from training.export import export_checkpoint, write_run_model_config
+from training.losses import clip_loss
+from training.metrics import MetricsLogger
+from training.model import create_model, init_logit_scale, preprocess_config, resolve_model_config, tokenizer, transforms
+from training.optim import build_optimizer, cosine_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataCursor:
+    """Where each of this rank's loader roles stands; restored on resume for the exact sequence."""
+
+    world: int
+    workers: int
+    seed: int
+    positions: dict[int, int] = field(default_factory=dict)
+
+    def advance(self, batch: dict[str, Any]) -> None:
+        self.positions[int(batch["role"])] = int(batch["cursor"])
+
+
+def check_inputs(cfg: Config) -> None:
+    """Fail fast, before any process is started, on mistakes the user can fix."""
+    cfg.validate()
+    expand_shards(cfg.data.train_shards)
+    resolve_model_config(cfg.model)
+    if cfg.data.val_shards:
+        expand_shards(cfg.data.val_shards)
+        from data.pipeline import load_classes
+
+        load_classes(cfg.data.classes)
+
+
+def _precision(cfg: Config) -> bool:
+    """True for bf16 (the default on GPU)."""
+    if cfg.train.precision == "auto":
+        return torch.cuda.is_available()
+    return cfg.train.precision == "bf16"
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.model_cfg = resolve_model_config(cfg.model)
+        self.preprocess_cfg = preprocess_config(self.model_cfg)
+        self.image_size = self.model_cfg["vision_cfg"]["image_size"]
+        self.train_transform, self.eval_transform = transforms(self.preprocess_cfg)
+        self.tokenizer = tokenizer(self.model_cfg)
+        self.bf16 = _precision(cfg)
+        self.device = distributed.device()
+        self.step = 0
+        self.skipped = 0  # corrupt or incomplete samples, all ranks, this run
+        self.unreported_skips = 0
+        self.cursor = DataCursor(distributed.world_size(), max(1, cfg.data.workers), cfg.train.seed)
+
+    def _write_run_files(self) -> None:
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
+            write_run_model_config(self.run_dir, self.model_cfg, self.preprocess_cfg)
+        distributed.barrier()
+
+    def build(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self._write_run_files()
+        model = create_model(self.model_cfg)
+        init_logit_scale(model, cfg.loss.init_temperature)
+        distributed.lift_scalar_parameters(model)
+        optimizer = build_optimizer(model, cfg.optim, cfg.loss.max_logit_scale)
+        scheduler = cosine_schedule(optimizer, cfg.optim, cfg.train.steps)
+        zero_stage = cfg.train.zero_stage
+        if self.bf16 and zero_stage == 0:
+            # ZeRO-1 keeps partitioned fp32 masters, which the exporter reads back.
+            log.info("bf16 runs use ZeRO stage >= 1; using stage 1")
+            zero_stage = 1
+        self.engine = distributed.build_engine(
+            model, optimizer, scheduler, micro_batch=cfg.data.batch_size, zero_stage=zero_stage,
+            bf16=self.bf16, grad_clip=cfg.optim.grad_clip,
+        )
+
+    def resume(self, tag: str | None) -> None:
+        """Restore weights, optimizer, schedule, step and data cursor (``tag`` None: latest)."""
+        state = distributed.load_checkpoint(self.engine, self.ckpt_dir, tag)
+        self.step = int(state.get("step", 0))
+        saved = state.get("data", {})
+        same_layout = (saved.get("world"), saved.get("workers"), saved.get("seed")) == (
+            self.cursor.world, self.cursor.workers, self.cursor.seed)
+        if same_layout:
+            mine = saved["positions"][distributed.rank()]
+            self.cursor.positions = {int(k): v for k, v in mine.items()}
+        else:
+            log.warning("world size, workers or seed changed since the checkpoint: the data stream restarts "
+                        "with a new shuffle, so the samples of the interrupted epoch may repeat")
+            self.cursor.seed = self.cursor.seed + self.step
+        log.info("resumed at step %d", self.step)
+
+    def _loader(self):
+        data = self.cfg.data
+        spec = StreamSpec(
+            urls=expand_shards(data.train_shards), batch_size=data.batch_size, seed=self.cursor.seed,
+            rank=distributed.rank(), world=distributed.world_size(), workers=self.cursor.workers,
+            shuffle_buffer=data.shuffle_buffer, train=True,
+            role_offset=self.step % self.cursor.workers, cursors=dict(self.cursor.positions),
+        )
+        return make_loader(spec, self.train_transform, self.tokenizer, self.image_size,
+                           in_process=data.workers == 0)
+
+    def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        out = self.engine(batch["image"].to(self.device, dtype, non_blocking=True),
+                          batch["text"].to(self.device, non_blocking=True))
+        loss = clip_loss(out["image_features"].float(), out["text_features"].float(),
+                         out["logit_scale"].float(), impl=self.cfg.loss.impl)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg.train
+        metrics = MetricsLogger(self.run_dir, total_steps=cfg.steps, start_step=self.step,
+                                port=cfg.metrics_port, enabled=distributed.is_main())
+        if distributed.is_main() and self.step == 0:
+            samples = self.cfg.data.train_num_samples or count_samples(expand_shards(self.cfg.data.train_shards))
+            global_batch = self.cfg.data.batch_size * distributed.world_size()
+            log.info("%d training samples, global batch %d, %.2f epochs", samples, global_batch,
+                     cfg.steps * global_batch / max(samples, 1))
+        batches = iter(self._loader())
+        result: dict[str, float] = {}
+        try:
+            while self.step < cfg.steps:
+                start = time.perf_counter()
+                batch = next(batches)
+                waited = time.perf_counter() - start
+                loss = self.train_step(batch)
+                self.step += 1
+                self.cursor.advance(batch)
+                self.unreported_skips += batch["skipped"]
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self._record(metrics, loss, waited, time.perf_counter() - start)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.evaluate()
+                if self.step == cfg.stop_at:
+                    self.save()
+                    log.info("stopped at step %d as asked (train.stop_at); resume with --resume latest", self.step)
+                    return {}
+            self.save()
+            result = self.evaluate()
+            if cfg.export:
+                self.export()
+        finally:
+            metrics.close()
+        return result
+
+    def _record(self, metrics: MetricsLogger, loss: torch.Tensor, waited: float, elapsed: float) -> None:
+        world = distributed.world_size()
+        loss_sum, wait_sum, skipped_sum = distributed.all_reduce_sum([float(loss), waited, self.unreported_skips])
+        self.unreported_skips = 0
+        self.skipped += int(skipped_sum)
+        scale = float(self.engine.module.logit_scale.detach().float().exp().reshape(-1)[0])
+        metrics.log(self.step, {
+            "loss": loss_sum / world,
+            "temperature": scale,
+            "lr": self.engine.get_lr()[0],
+            "samples_per_s": self.cfg.data.batch_size * world / max(elapsed, 1e-9),
+            "data_wait_s": wait_sum / world,
+            "skipped_samples": self.skipped,
+        }, skipped=int(skipped_sum))
+
+    def save(self) -> None:
+        tag = f"step{self.step:08d}"
+        positions = distributed.all_gather_object({str(k): v for k, v in self.cursor.positions.items()})
+        state = {"step": self.step, "data": {"world": self.cursor.world, "workers": self.cursor.workers,
+                                             "seed": self.cursor.seed, "positions": positions}}
+        distributed.save_checkpoint(self.engine, self.ckpt_dir, tag, state)
+        if distributed.is_main():
+            self._prune_checkpoints(keep=tag)
+        distributed.barrier()
+
+    def _prune_checkpoints(self, keep: str) -> None:
+        tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[: max(0, len(tags) - self.cfg.train.keep_checkpoints)]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def evaluate(self) -> dict[str, float]:
+        data = self.cfg.data
+        if not data.val_shards:
+            return {}
+        result = evaluate(
+            self.engine.module, self.tokenizer, self.eval_transform, shards=data.val_shards,
+            classes_path=data.classes, image_size=self.image_size, batch_size=data.eval_batch_size,
+            device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32,
+        )
+        if distributed.is_main():
+            with (self.run_dir / "eval.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.step, **result}) + "\n")
+            log.info("eval at step %d: zero-shot top-1 %.3f", self.step, result["zero_shot_top1"])
+        return result
+
+    def export(self) -> Path:
+        out = self.run_dir / "export"
+        if distributed.is_main():
+            export_checkpoint(self.run_dir, out)
+            log.info("exported open_clip model to %s", out)
+        distributed.barrier()
+        return out
+
+
+def train(cfg: Config, resume: str | None = None) -> dict[str, float]:
+    """Run (or resume) training; returns the final evaluation (empty without a held-out split)."""
+    distributed.init()
+    trainer = Trainer(cfg)
+    trainer.build()
+    if resume:
+        trainer.resume(None if resume == "latest" else resume)
+    return trainer.fit()
