@@ -105,3 +105,61 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path, synth_data, shar
     for name in full:
         assert torch.allclose(full[name], resumed[name], atol=1e-6), name
     assert [r["loss"] for r in metrics(split_dir)][3:] == pytest.approx([r["loss"] for r in records][3:], abs=1e-6)
+
+
+def _short_config(tmp_path: Path, synth_data: Path, run_dir: Path) -> Path:
+    path = tmp_path / f"{run_dir.name}.toml"
+    path.write_text(f"""
+[data]
+train_shards = "{synth_data}/train/shard-{{00000..00003}}.tar"
+batch_size = 8
+workers = 0
+[train]
+run_dir = "{run_dir}"
+steps = 2
+export = false
+""")
+    return path
+
+
+def test_standard_environment_variables_alone(tmp_path, synth_data):
+    """How Kubernetes starts it: no launcher, just RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, free_port
+
+    run_dir = tmp_path / "env-run"
+    cfg = _short_config(tmp_path, synth_data, run_dir)
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "training.cli", "train", "--config", str(cfg)], cwd=ROOT,
+                         env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert len(metrics(run_dir)) == 2
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000002"
+
+
+def test_deepspeed_launcher(tmp_path, synth_data):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path as P
+
+    from tests.conftest import ROOT, free_port
+
+    run_dir = tmp_path / "ds-run"
+    cfg = _short_config(tmp_path, synth_data, run_dir)
+    launcher = P(sys.executable).parent / "deepspeed"
+    proc = subprocess.run([str(launcher), "--num_nodes", "1", "--num_gpus", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(free_port()), "--module", "training.cli", "train", "--config",
+                           str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(metrics(run_dir)) == 2

@@ -20,6 +20,8 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Distributed CLIP training and evaluation.")
+    # The deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="synthetic data -> 2-process DeepSpeed training -> eval -> export")

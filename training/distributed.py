@@ -118,6 +118,33 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def norm_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The running statistics of every BatchNorm-style layer in ``module``."""
+    stats = []
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._NormBase) and layer.track_running_stats:
+            stats += [t for t in (layer.running_mean, layer.running_var) if t is not None]
+    return stats
+
+
+def average_(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over ranks, in one collective.
+
+    Applied to BatchNorm running statistics after every step: each rank would otherwise track
+    statistics of its own batches, so ranks, checkpoints (written from rank 0) and a resumed run
+    would hold different models. Averaging keeps them one model, as timm's ``distribute_bn`` does.
+    """
+    if world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for t in tensors:
+        t.data.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def _collective_device() -> torch.device:
     return device() if dist.get_backend() == "nccl" else torch.device("cpu")
 

@@ -103,6 +103,7 @@ class Trainer:
             model, optimizer, scheduler, micro_batch=cfg.data.batch_size, zero_stage=zero_stage,
             bf16=self.bf16, grad_clip=cfg.optim.grad_clip,
         )
+        self.norm_stats = distributed.norm_statistics(self.engine.module)
 
     def resume(self, tag: str | None) -> None:
         """Restore weights, optimizer, schedule, step and data cursor (``tag`` None: latest)."""
@@ -139,6 +140,7 @@ class Trainer:
                          out["logit_scale"].float(), impl=self.cfg.loss.impl)
         self.engine.backward(loss)
         self.engine.step()
+        distributed.average_(self.norm_stats)
         return loss.detach()
 
     def fit(self) -> dict[str, float]:
