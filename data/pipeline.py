@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from data.s3 import S3Settings
 from data.shards import open_shard
 from training.errors import UserError
 
@@ -48,6 +49,7 @@ class StreamSpec:
     """What one rank streams; shared by all its workers."""
 
     urls: list[str]
+    """Shards of the first (or only) source."""
     batch_size: int
     seed: int = 0
     rank: int = 0
@@ -59,6 +61,13 @@ class StreamSpec:
     """On resume, worker w plays role (w + role_offset) % workers, so batches keep their order."""
     cursors: dict[int, int] = field(default_factory=dict)
     """Per role: samples already taken from the shuffled stream (consumed batches)."""
+    start_epoch: int = 0
+    """First epoch of every slot's stream (a resume whose layout changed starts a fresh epoch)."""
+    more_sources: list[list[str]] = field(default_factory=list)
+    """Further sources, mixed with the first sample by sample..."""
+    weights: list[float] = field(default_factory=list)
+    """...with these sampling weights (one per source; empty: sources are concatenated)."""
+    s3: S3Settings = field(default_factory=S3Settings)
 
 
 def _mix(*parts: Any) -> int:
@@ -140,30 +149,44 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         return (worker + self.spec.role_offset) % self.spec.workers
 
-    def _shards(self, role: int, epoch: int) -> tuple[list[str], int, int]:
-        """(this slot's shards for the epoch, sample stride, sample offset)."""
+    def _shards(self, urls: list[str], role: int, epoch: int, source: int) -> tuple[list[str], int, int]:
+        """(this slot's shards of one source for the epoch, sample stride, sample offset)."""
         spec = self.spec
         slots, slot = spec.world * spec.workers, spec.rank * spec.workers + role
-        urls = list(spec.urls)
+        urls = list(urls)
         if spec.train:
-            random.Random(_mix(spec.seed, "shards", epoch)).shuffle(urls)
+            random.Random(_mix(spec.seed, "shards", source, epoch)).shuffle(urls)
         if len(urls) >= slots:
             return urls[slot::slots], 1, 0
         return urls, slots, slot
 
-    def _raw(self, role: int, counter: _Counter) -> Iterator[dict[str, Any]]:
-        """Undecoded samples of this slot, epoch after epoch (one epoch when evaluating)."""
-        for epoch in count() if self.spec.train else range(1):
-            urls, stride, offset = self._shards(role, epoch)
-            streams = (open_shard(url) for url in urls)
+    def _source(self, urls: list[str], role: int, source: int, counter: _Counter) -> Iterator[dict[str, Any]]:
+        """Undecoded samples of one source for this slot, epoch after epoch (one epoch when evaluating)."""
+        first = self.spec.start_epoch
+        for epoch in count(first) if self.spec.train else range(first, first + 1):
+            shards, stride, offset = self._shards(urls, role, epoch, source)
+            streams = (open_shard(url, self.spec.s3) for url in shards)
             samples = group_by_keys(tar_file_expander(streams, handler=counter.tar_error), handler=counter.tar_error)
             produced = False
             for index, sample in enumerate(samples):
                 if index % stride == offset:
                     produced = True
+                    sample["__epoch__"] = epoch
                     yield sample
             if not produced:
-                raise UserError(f"no samples could be read from the shards: {', '.join(urls[:3])}")
+                raise UserError(f"no samples could be read from the shards: {', '.join(shards[:3])}")
+
+    def _raw(self, role: int, counter: _Counter) -> Iterator[dict[str, Any]]:
+        """One source, or several mixed sample by sample with the configured weights."""
+        sources = [self.spec.urls, *self.spec.more_sources]
+        if len(sources) == 1 or not self.spec.weights:
+            yield from self._source([u for urls in sources for u in urls], role, 0, counter)
+            return
+        streams = [self._source(urls, role, i, counter) for i, urls in enumerate(sources)]
+        rng = random.Random(_mix(self.spec.seed, "mix", self.spec.rank, role))
+        indices = range(len(streams))
+        while True:
+            yield next(streams[rng.choices(indices, weights=self.spec.weights)[0]])
 
     def _shuffled(self, raw: Iterator[dict], role: int) -> Iterator[dict]:
         if not self.spec.train or self.spec.shuffle_buffer <= 1:
@@ -199,12 +222,12 @@ class ShardStream(IterableDataset):
                 torch.manual_seed(_mix(self.spec.seed, "augment", self.spec.rank, role, position))
             batch.append((self.transform(image), caption, sample["__key__"], decode_meta(sample)))
             if len(batch) == self.spec.batch_size:
-                yield self._collate(batch, role, position, counter.take())
+                yield self._collate(batch, role, position, counter.take(), sample["__epoch__"])
                 batch = []
         if batch and not self.spec.train:
-            yield self._collate(batch, role, position, counter.take())
+            yield self._collate(batch, role, position, counter.take(), self.spec.start_epoch)
 
-    def _collate(self, batch: list, role: int, position: int, skipped: int) -> dict[str, Any]:
+    def _collate(self, batch: list, role: int, position: int, skipped: int, epoch: int) -> dict[str, Any]:
         images, captions, keys, metas = zip(*batch)
         return {
             "image": torch.stack(images),
@@ -214,6 +237,7 @@ class ShardStream(IterableDataset):
             "meta": list(metas),
             "role": role,
             "cursor": position,
+            "epoch": epoch,
             "skipped": skipped,
         }
 

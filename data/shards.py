@@ -8,34 +8,50 @@ from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 
+from data import s3
 from training.errors import UserError
 
 
-def expand_shards(spec: str) -> list[str]:
-    """``a/{000..009}.tar::b/x.tar`` -> the list of shard paths, checked to exist.
+def split_sources(spec: str) -> list[str]:
+    """``::`` separates several shard lists (sources), as in open_clip's ``--train-data``."""
+    return [p.strip() for p in spec.split("::") if p.strip()]
 
-    ``::`` separates several lists, as in open_clip's ``--train-data``.
+
+def expand_shards(spec: str) -> list[str]:
+    """``a/{000..009}.tar::s3://b/x-{0..3}.tar`` -> the list of shard URLs.
+
+    Local shards are checked to exist and be non-empty here; S3 shards by ``check_remote``.
     """
     urls: list[str] = []
-    for part in filter(None, (p.strip() for p in spec.split("::"))):
+    for part in split_sources(spec):
         try:
             urls.extend(expand_urls(part))
         except ValueError as error:
             raise UserError(f"bad shard pattern '{part}': {error}") from None
     if not urls:
         raise UserError(f"no shards given (shard list '{spec}' is empty)")
-    missing = [u for u in urls if not Path(u).is_file()]
+    local = [u for u in urls if not s3.is_s3(u)]
+    missing = [u for u in local if not Path(u).is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise UserError(f"shard not found: {missing[0]}{more}")
-    empty = [u for u in urls if Path(u).stat().st_size == 0]
+    empty = [u for u in local if Path(u).stat().st_size == 0]
     if empty:
         raise UserError(f"shard is empty: {empty[0]}")
     return urls
 
 
-def open_shard(url: str) -> dict:
+def check_remote(urls: list[str], settings: s3.S3Settings) -> None:
+    """Reach the store once (the first S3 shard) so a missing bucket or bad credentials fail early."""
+    remote = [u for u in urls if s3.is_s3(u)]
+    if remote and s3.check(remote[0], settings) == 0:
+        raise UserError(f"shard is empty: {remote[0]}")
+
+
+def open_shard(url: str, settings: s3.S3Settings | None = None) -> dict:
     """The source record webdataset's tar expander reads: ``{"url", "stream"}``."""
+    if s3.is_s3(url):
+        return {"url": url, "stream": s3.open_url(url, settings or s3.S3Settings())}
     return {"url": url, "stream": open(url, "rb")}
 
 
@@ -44,6 +60,8 @@ def count_samples(urls: list[str]) -> int:
     total = 0
     sizes_cache: dict[Path, dict] = {}
     for url in urls:
+        if s3.is_s3(url):
+            continue  # counted by sizes.json only where it is local; the count is informational
         path = Path(url)
         sizes_file = path.parent / "sizes.json"
         if sizes_file not in sizes_cache:

@@ -140,7 +140,7 @@ def test_standard_environment_variables_alone(tmp_path, synth_data):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for r in range(2)
     ]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][1][-3000:] + outputs[1][1][-3000:]
     assert len(metrics(run_dir)) == 2
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000002"
@@ -159,7 +159,7 @@ def test_deepspeed_launcher(tmp_path, synth_data):
     launcher = P(sys.executable).parent / "deepspeed"
     proc = subprocess.run([str(launcher), "--num_nodes", "1", "--num_gpus", "2", "--master_addr", "127.0.0.1",
                            "--master_port", str(free_port()), "--module", "training.cli", "train", "--config",
-                           str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(metrics(run_dir)) == 2

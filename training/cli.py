@@ -50,6 +50,37 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--tag", help="checkpoint tag (default: latest)")
     ex.add_argument("--out", help="export directory (default: RUN/export)")
 
+    serve = sub.add_parser("serve", help="HTTP server: zero-shot classification, embeddings, image-text search")
+    serve.add_argument("--model", required=True,
+                       help="export directory, or an open_clip model name / config .json with --weights")
+    serve.add_argument("--weights", help=".safetensors weights for a model name or config (pickle is refused)")
+    serve.add_argument("--index", help="index directory written by `tandem index` (for /v1/search)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass (1: no batching)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch")
+    serve.add_argument("--workers", type=int, default=4, help="threads decoding images and searching the index")
+    serve.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: one per core)")
+    serve.add_argument("--max-pixels", type=int, default=50_000_000, help="larger images are refused (413)")
+    serve.add_argument("--max-body-mb", type=float, default=32.0, help="larger request bodies are refused (413)")
+    serve.add_argument("--label-cache", type=int, default=64, help="label sets whose embeddings are cached")
+    serve.add_argument("--access-log", action="store_true")
+
+    index = sub.add_parser("index", help="embed every image of WebDataset shards into a FAISS index")
+    index.add_argument("--model", required=True, help="export directory (or a model name with --weights)")
+    index.add_argument("--weights", help=".safetensors weights for a model name or config")
+    index.add_argument("--data", required=True, help="shards: a directory or a brace pattern")
+    index.add_argument("--out", required=True, help="index directory (resumes an unfinished one)")
+    index.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat",
+                       help="flat: exact; ivf or hnsw: approximate, for millions of items")
+    index.add_argument("--nlist", type=int, default=0, help="IVF lists (0: about 4*sqrt(N))")
+    index.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node")
+    index.add_argument("--batch-size", type=int, default=256)
+    index.add_argument("--chunk-size", type=int, default=8192, help="embeddings per resumable chunk")
+    index.add_argument("--device", default="auto")
+    index.add_argument("--overwrite", action="store_true", help="rebuild a finished index")
+
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the procedural image-caption shards")
@@ -89,14 +120,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from training.launch import run_local
         from training.trainer import check_inputs
 
-        check_inputs(cfg)
+        check_inputs(cfg, args.resume)
         forwarded = ["train"] + (["--config", args.config] if args.config else [])
         forwarded += [part for item in args.set for part in ("--set", item)]
         forwarded += ["--resume", args.resume] if args.resume else []
         return run_local(args.nproc, forwarded)
     from training.trainer import check_inputs, train
 
-    check_inputs(cfg)
+    check_inputs(cfg, args.resume)
     result = train(cfg, resume=args.resume)
     if result and distributed.is_main():
         print(json.dumps(result))
@@ -137,6 +168,29 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    # serving.* never imports deepspeed or webdataset: the serve image does not install them
+    from serving.app import serve
+    from serving.settings import ServeSettings
+
+    settings = ServeSettings(model=args.model, weights=args.weights, index=args.index, device=args.device,
+                             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                             workers=args.workers, threads=args.threads, max_pixels=args.max_pixels,
+                             max_body_bytes=int(args.max_body_mb * 2**20), label_cache=args.label_cache)
+    serve(settings, host=args.host, port=args.port, access_log=args.access_log)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from training.indexing import build_index
+
+    summary = build_index(args.model, shard_pattern(args.data), Path(args.out), weights=args.weights,
+                          kind=args.kind, nlist=args.nlist, hnsw_m=args.hnsw_m, batch_size=args.batch_size,
+                          chunk_size=args.chunk_size, device=args.device, overwrite=args.overwrite)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
@@ -144,7 +198,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     test_samples=args.test_samples, overrides=args.set)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "data": cmd_data, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "data": cmd_data, "demo": cmd_demo,
+            "serve": cmd_serve, "index": cmd_index}
 
 
 def main(argv: list[str] | None = None) -> int:

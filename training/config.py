@@ -37,6 +37,17 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 2000
     """Samples held in the shuffle buffer of each worker."""
+    train_weights: str = ""
+    """Sampling weights of the ``::``-separated sources of ``train_shards``, e.g. ``"1::3"``
+    ("" concatenates the sources)."""
+    s3_endpoint_url: str = ""
+    """S3-compatible endpoint (MinIO, Ceph, SeaweedFS); "" uses ``AWS_ENDPOINT_URL`` or AWS itself."""
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    """Prefer the environment or the AWS credential chain; this is for stores without either."""
+    s3_secret_access_key: str = ""
+    s3_retry_seconds: float = 300.0
+    """How long a shard read keeps retrying an unreachable store before the run fails."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,11 +69,25 @@ class LossConfig:
     """The contrastive objective."""
 
     impl: str = "gather"
-    """``gather``: each rank scores its rows against the whole gathered global batch."""
-    init_temperature: float = 0.07
-    """Initial softmax temperature; ``logit_scale`` starts at ``log(1 / init_temperature)``."""
+    """``gather``: InfoNCE, each rank scores its rows against the whole gathered global batch
+    (``B x N`` logits per rank). ``tiled``: the same loss and gradients computed tile by tile, memory
+    linear in the global batch (Inf-CL). ``siglip``: SigLIP's pairwise sigmoid loss with a learnable
+    bias, tiled the same way."""
+    tile_size: int = 1024
+    """Side of the square logit tiles of ``tiled`` and ``siglip``; each tile is ``tile_size**2`` fp32."""
+    init_temperature: float = 0.0
+    """Initial temperature; ``logit_scale`` starts at ``log(1 / init_temperature)``. 0 takes the
+    paper's value for the loss: 0.07 for InfoNCE (CLIP), 0.1 for SigLIP."""
+    init_logit_bias: float = -10.0
+    """SigLIP only: the initial ``logit_bias`` (the paper's -10)."""
     max_logit_scale: float = 100.0
     """Upper bound of ``exp(logit_scale)``, enforced on the optimizer's own copy of the parameter."""
+
+    def temperature(self) -> float:
+        """``init_temperature`` with 0 resolved to the loss's paper value."""
+        if self.init_temperature:
+            return self.init_temperature
+        return 0.1 if self.impl == "siglip" else 0.07
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +133,9 @@ class TrainConfig:
     """Write the consolidated open_clip export at the end of the run."""
     stop_at: int = 0
     """Checkpoint and exit after this step, as a preempted job would (0: run to ``steps``)."""
+    accum_steps: int = 1
+    """Micro-batches per optimizer step. Contrastive accumulation (GradCache): the negatives of one
+    step are all ``accum_steps * data.batch_size * world`` samples, as if that were the batch."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,9 +155,11 @@ class Config:
             (self.train.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),
             (self.train.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
             (self.loss.impl in LOSS_IMPLS, f"loss.impl must be one of {', '.join(LOSS_IMPLS)}"),
-            (0 < self.loss.init_temperature, "loss.init_temperature must be > 0"),
-            (self.loss.max_logit_scale > 1 / self.loss.init_temperature,
+            (self.loss.init_temperature >= 0, "loss.init_temperature must be > 0 (or 0 for the loss's default)"),
+            (self.loss.max_logit_scale > 1 / self.loss.temperature(),
              "loss.max_logit_scale must exceed 1 / loss.init_temperature"),
+            (self.loss.tile_size >= 1, "loss.tile_size must be >= 1"),
+            (self.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
             (self.optim.lr > 0, "optim.lr must be > 0"),
             (bool(self.data.train_shards), "data.train_shards is empty: name the training shards"),
         ]
@@ -139,7 +169,7 @@ class Config:
         return self
 
 
-LOSS_IMPLS = ("gather",)
+LOSS_IMPLS = ("gather", "tiled", "siglip")
 _SECTION_TYPES = {f.name: type(f.default_factory()) for f in fields(Config)}
 
 

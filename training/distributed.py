@@ -179,6 +179,26 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(x)
 
 
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """``[B, ...]`` on each rank -> ``[world * B, ...]`` in rank order, outside autograd.
+
+    For losses whose backward routes the gradient of the gathered rows itself (see
+    ``all_reduce_``); every rank must pass the same shape.
+    """
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over ranks in place (outside autograd); returns it."""
+    if world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
 def lift_scalar_parameters(model: torch.nn.Module) -> list[str]:
     """Give 0-dim parameters shape ``[1]``; returns their names.
 
@@ -204,13 +224,18 @@ def build_engine(
     zero_stage: int,
     bf16: bool,
     grad_clip: float,
+    accum_steps: int = 1,
 ):
-    """Wrap model and optimizer in a DeepSpeed engine; gradients are averaged over ranks."""
+    """Wrap model and optimizer in a DeepSpeed engine; gradients are averaged over ranks.
+
+    With ``accum_steps`` > 1 the engine steps the optimizer on every ``accum_steps``-th
+    ``engine.step()`` (``training.grad_cache`` drives it).
+    """
     import deepspeed
 
     ds_config = {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accum_steps,
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": bf16},

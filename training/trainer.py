@@ -5,6 +5,7 @@ Shape legend: B = micro-batch per rank, W = world size.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -16,12 +17,15 @@ from typing import Any
 import torch
 
 from data.pipeline import StreamSpec, make_loader
-from data.shards import count_samples, expand_shards
+from data.s3 import S3Settings
+from data.shards import check_remote, count_samples, expand_shards, split_sources
 from training import distributed
-from training.config import Config, to_toml
+from training.config import Config, LossConfig, to_toml
+from training.errors import UserError
 from training.evaluate import evaluate
 from training.export import export_checkpoint, write_run_model_config
-from training.losses import clip_loss
+from training.grad_cache import grad_cache_step
+from training.losses import clip_loss, siglip_loss
 from training.metrics import MetricsLogger
 from training.model import create_model, init_logit_scale, preprocess_config, resolve_model_config, tokenizer, transforms
 from training.optim import build_optimizer, cosine_schedule
@@ -37,14 +41,50 @@ class DataCursor:
     workers: int
     seed: int
     positions: dict[int, int] = field(default_factory=dict)
+    consumed: int = 0
+    """Batches this rank has taken from the loader (one per micro-step)."""
+    start_epoch: int = 0
+    """The epoch the loader's streams began with (the cursor replays from there)."""
+    epoch: int = 0
+    """Newest epoch any of this rank's batches came from."""
 
     def advance(self, batch: dict[str, Any]) -> None:
         self.positions[int(batch["role"])] = int(batch["cursor"])
+        self.consumed += 1
+        self.epoch = max(self.epoch, int(batch["epoch"]))
+
+    def state(self) -> dict[str, Any]:
+        """Every rank's cursor, for the checkpoint (a collective: all ranks call it)."""
+        mine = {"positions": {str(k): v for k, v in self.positions.items()}, "consumed": self.consumed}
+        ranks = distributed.all_gather_object(mine)
+        epoch = max(distributed.all_gather_object(self.epoch))
+        return {"world": self.world, "workers": self.workers, "seed": self.seed, "start_epoch": self.start_epoch,
+                "epoch": epoch, "ranks": ranks}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue exactly where the checkpoint's stream stood, or at the next epoch if the layout changed."""
+        if (saved.get("world"), saved.get("workers"), saved.get("seed")) == (self.world, self.workers, self.seed):
+            mine = saved["ranks"][distributed.rank()]
+            self.positions = {int(k): v for k, v in mine["positions"].items()}
+            self.consumed, self.start_epoch = mine["consumed"], saved["start_epoch"]
+            self.epoch = saved["epoch"]
+            return
+        self.start_epoch = self.epoch = int(saved.get("epoch", -1)) + 1
+        log.warning("world size, workers or seed changed since the checkpoint: data resumes at the start of "
+                    "epoch %d (the rest of the interrupted epoch is skipped, no sample repeats within an epoch)",
+                    self.start_epoch)
 
 
-def check_inputs(cfg: Config) -> None:
+def check_inputs(cfg: Config, resume: str | None = None) -> None:
     """Fail fast, before any process is started, on mistakes the user can fix."""
     cfg.validate()
+    sources = split_sources(cfg.data.train_shards)
+    weights = parse_weights(cfg.data.train_weights)
+    if weights and len(weights) != len(sources):
+        raise UserError(f"data.train_weights has {len(weights)} weights for {len(sources)} sources")
+    check_remote(expand_shards(cfg.data.train_shards), s3_settings(cfg))
+    if resume and resume != "latest" and not (Path(cfg.train.run_dir) / "checkpoints" / resume).is_dir():
+        raise UserError(f"no checkpoint '{resume}' in {Path(cfg.train.run_dir) / 'checkpoints'}")
     expand_shards(cfg.data.train_shards)
     resolve_model_config(cfg.model)
     if cfg.data.val_shards:
@@ -52,6 +92,31 @@ def check_inputs(cfg: Config) -> None:
         from data.pipeline import load_classes
 
         load_classes(cfg.data.classes)
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split("::") if w.strip()]
+    except ValueError:
+        raise UserError(f"data.train_weights must be numbers separated by '::', got '{text}'") from None
+    if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
+        raise UserError("data.train_weights must be non-negative with a positive sum")
+    return weights
+
+
+def s3_settings(cfg: Config) -> S3Settings:
+    data = cfg.data
+    return S3Settings(endpoint_url=data.s3_endpoint_url, region=data.s3_region,
+                      access_key_id=data.s3_access_key_id, secret_access_key=data.s3_secret_access_key,
+                      retry_seconds=data.s3_retry_seconds)
+
+
+def contrastive_loss(cfg: LossConfig, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """This rank's share of the configured loss for a model output, in fp32 whatever the precision."""
+    features = out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float()
+    if cfg.impl == "siglip":
+        return siglip_loss(*features, out["logit_bias"].float(), tile_size=cfg.tile_size)
+    return clip_loss(*features, impl=cfg.impl, tile_size=cfg.tile_size)
 
 
 def _precision(cfg: Config) -> bool:
@@ -67,6 +132,8 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.model_cfg = resolve_model_config(cfg.model)
+        if cfg.loss.impl == "siglip":  # open_clip then gives the model its learnable logit_bias
+            self.model_cfg["init_logit_bias"] = cfg.loss.init_logit_bias
         self.preprocess_cfg = preprocess_config(self.model_cfg)
         self.image_size = self.model_cfg["vision_cfg"]["image_size"]
         self.train_transform, self.eval_transform = transforms(self.preprocess_cfg)
@@ -90,7 +157,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self._write_run_files()
         model = create_model(self.model_cfg)
-        init_logit_scale(model, cfg.loss.init_temperature)
+        init_logit_scale(model, cfg.loss.temperature())
         distributed.lift_scalar_parameters(model)
         optimizer = build_optimizer(model, cfg.optim, cfg.loss.max_logit_scale)
         scheduler = cosine_schedule(optimizer, cfg.optim, cfg.train.steps)
@@ -101,7 +168,7 @@ class Trainer:
             zero_stage = 1
         self.engine = distributed.build_engine(
             model, optimizer, scheduler, micro_batch=cfg.data.batch_size, zero_stage=zero_stage,
-            bf16=self.bf16, grad_clip=cfg.optim.grad_clip,
+            bf16=self.bf16, grad_clip=cfg.optim.grad_clip, accum_steps=cfg.train.accum_steps,
         )
         self.norm_stats = distributed.norm_statistics(self.engine.module)
 
@@ -109,39 +176,32 @@ class Trainer:
         """Restore weights, optimizer, schedule, step and data cursor (``tag`` None: latest)."""
         state = distributed.load_checkpoint(self.engine, self.ckpt_dir, tag)
         self.step = int(state.get("step", 0))
-        saved = state.get("data", {})
-        same_layout = (saved.get("world"), saved.get("workers"), saved.get("seed")) == (
-            self.cursor.world, self.cursor.workers, self.cursor.seed)
-        if same_layout:
-            mine = saved["positions"][distributed.rank()]
-            self.cursor.positions = {int(k): v for k, v in mine.items()}
-        else:
-            log.warning("world size, workers or seed changed since the checkpoint: the data stream restarts "
-                        "with a new shuffle, so the samples of the interrupted epoch may repeat")
-            self.cursor.seed = self.cursor.seed + self.step
+        self.cursor.restore(state.get("data", {}))
         log.info("resumed at step %d", self.step)
 
     def _loader(self):
         data = self.cfg.data
+        sources = [expand_shards(part) for part in split_sources(data.train_shards)]
+        weights = parse_weights(data.train_weights)
         spec = StreamSpec(
-            urls=expand_shards(data.train_shards), batch_size=data.batch_size, seed=self.cursor.seed,
+            urls=sources[0] if weights else [u for urls in sources for u in urls],
+            more_sources=sources[1:] if weights else [], weights=weights, s3=s3_settings(self.cfg),
+            batch_size=data.batch_size, seed=self.cursor.seed,
             rank=distributed.rank(), world=distributed.world_size(), workers=self.cursor.workers,
-            shuffle_buffer=data.shuffle_buffer, train=True,
-            role_offset=self.step % self.cursor.workers, cursors=dict(self.cursor.positions),
+            shuffle_buffer=data.shuffle_buffer, train=True, start_epoch=self.cursor.start_epoch,
+            role_offset=self.cursor.consumed % self.cursor.workers, cursors=dict(self.cursor.positions),
         )
         return make_loader(spec, self.train_transform, self.tokenizer, self.image_size,
                            in_process=data.workers == 0)
 
-    def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
+    def train_step(self, batches: list[dict[str, Any]]) -> torch.Tensor:
+        """One optimizer step over ``train.accum_steps`` micro-batches (see ``grad_cache``)."""
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        out = self.engine(batch["image"].to(self.device, dtype, non_blocking=True),
-                          batch["text"].to(self.device, non_blocking=True))
-        loss = clip_loss(out["image_features"].float(), out["text_features"].float(),
-                         out["logit_scale"].float(), impl=self.cfg.loss.impl)
-        self.engine.backward(loss)
-        self.engine.step()
+        inputs = [(b["image"].to(self.device, dtype, non_blocking=True), b["text"].to(self.device, non_blocking=True))
+                  for b in batches]
+        loss = grad_cache_step(self.engine, inputs, functools.partial(contrastive_loss, self.cfg.loss))
         distributed.average_(self.norm_stats)
-        return loss.detach()
+        return loss
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg.train
@@ -149,7 +209,7 @@ class Trainer:
                                 port=cfg.metrics_port, enabled=distributed.is_main())
         if distributed.is_main() and self.step == 0:
             samples = self.cfg.data.train_num_samples or count_samples(expand_shards(self.cfg.data.train_shards))
-            global_batch = self.cfg.data.batch_size * distributed.world_size()
+            global_batch = self.cfg.data.batch_size * distributed.world_size() * cfg.accum_steps
             log.info("%d training samples, global batch %d, %.2f epochs", samples, global_batch,
                      cfg.steps * global_batch / max(samples, 1))
         batches = iter(self._loader())
@@ -157,12 +217,13 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 start = time.perf_counter()
-                batch = next(batches)
+                step_batches = [next(batches) for _ in range(cfg.accum_steps)]
                 waited = time.perf_counter() - start
-                loss = self.train_step(batch)
+                loss = self.train_step(step_batches)
                 self.step += 1
-                self.cursor.advance(batch)
-                self.unreported_skips += batch["skipped"]
+                for batch in step_batches:
+                    self.cursor.advance(batch)
+                    self.unreported_skips += batch["skipped"]
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._record(metrics, loss, waited, time.perf_counter() - start)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
@@ -191,16 +252,14 @@ class Trainer:
             "loss": loss_sum / world,
             "temperature": scale,
             "lr": self.engine.get_lr()[0],
-            "samples_per_s": self.cfg.data.batch_size * world / max(elapsed, 1e-9),
+            "samples_per_s": self.cfg.data.batch_size * world * self.cfg.train.accum_steps / max(elapsed, 1e-9),
             "data_wait_s": wait_sum / world,
             "skipped_samples": self.skipped,
         }, skipped=int(skipped_sum))
 
     def save(self) -> None:
         tag = f"step{self.step:08d}"
-        positions = distributed.all_gather_object({str(k): v for k, v in self.cursor.positions.items()})
-        state = {"step": self.step, "data": {"world": self.cursor.world, "workers": self.cursor.workers,
-                                             "seed": self.cursor.seed, "positions": positions}}
+        state = {"step": self.step, "data": self.cursor.state()}
         distributed.save_checkpoint(self.engine, self.ckpt_dir, tag, state)
         if distributed.is_main():
             self._prune_checkpoints(keep=tag)
@@ -241,6 +300,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, float]:
     distributed.init()
     trainer = Trainer(cfg)
     trainer.build()
-    if resume:
+    if resume == "latest" and not (trainer.ckpt_dir / "latest").is_file():
+        # A restarted pod asks for `latest` before any checkpoint exists: that is a fresh start.
+        log.info("no checkpoint in %s yet: starting from scratch", trainer.ckpt_dir)
+    elif resume:
         trainer.resume(None if resume == "latest" else resume)
     return trainer.fit()

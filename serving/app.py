@@ -1,0 +1,240 @@
+"""The FastAPI app: thin routes over ``serving.service`` (decode -> predict -> encode).
+
+The model (and index) load in the app's lifespan, on a thread, while the server already answers:
+``/healthz`` is 200 from the start and ``/readyz`` is 503 until loading has finished, so an
+orchestrator neither kills a pod that is loading a large model nor sends it traffic too early.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the routes' annotations at runtime, and
+# they name types local to create_app.
+import asyncio
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Annotated, Callable
+
+import torch
+from fastapi import Depends, FastAPI, File, Form, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from serving import schemas
+from serving.engine import Engine, load_engine
+from serving.errors import NotReady, TooLarge, Unauthorized, install_handlers
+from serving.index import Index
+from serving.metrics import ServingMetrics
+from serving.middleware import BodyLimitMiddleware, MetricsMiddleware
+from serving.service import Service
+from serving.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[], tuple[Engine, Index | None]]
+ERRORS = {code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 422, 503)}
+
+
+def load_model_and_index(settings: ServeSettings) -> tuple[Engine, Index | None]:
+    """The default loader: the model from ``settings.model`` and the index from ``settings.index``."""
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    engine = load_engine(settings.model, settings.weights, settings.device)
+    index = Index(settings.index, nprobe=settings.nprobe, ef_search=settings.ef_search) if settings.index else None
+    log.info("loaded %s (dim %d, image %dpx, %s)%s", settings.model, engine.embed_dim, engine.image_size,
+             engine.device, f" and index {settings.index} ({index.count} items, mmap={index.mmapped})"
+             if index else "")
+    return engine, index
+
+
+class AppState:
+    def __init__(self, settings: ServeSettings, metrics: ServingMetrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.service: Service | None = None
+        self.loaded: tuple[Engine, Index | None] | None = None
+        self.error: str | None = None
+
+    def start(self, engine: Engine, index: Index | None) -> None:
+        self.loaded = (engine, index)
+        self.service = Service(engine, index, self.settings, self.metrics)
+        self.metrics.ready.set(1)
+
+    def stop(self) -> None:
+        """Stop the model thread and decode pool; a later lifespan starts them again."""
+        if self.service is not None:
+            self.service.close()
+            self.service = None
+            self.metrics.ready.set(0)
+
+    async def load(self, loader: Loader) -> None:
+        try:
+            self.start(*await asyncio.to_thread(loader))
+        except Exception as error:  # noqa: BLE001 - reported by /readyz and /healthz, and logged
+            log.exception("loading failed")
+            self.error = f"{type(error).__name__}: {error}"
+
+
+def create_app(settings: ServeSettings, *, loader: Loader | None = None,
+               loaded: tuple[Engine, Index | None] | None = None) -> FastAPI:
+    """The app; it loads with ``loader`` (default: from ``settings``) in its lifespan, or starts ``loaded``."""
+    metrics = ServingMetrics()
+    state = AppState(settings, metrics)
+    if loaded is not None:
+        state.start(*loaded)
+    loader = loader or (lambda: load_model_and_index(settings))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        task = None
+        if state.service is None and state.loaded is not None:
+            state.start(*state.loaded)
+        elif state.service is None:
+            task = asyncio.create_task(state.load(loader))
+        try:
+            yield
+        finally:
+            if task is not None and not task.done():
+                task.cancel()
+            state.stop()
+
+    app = FastAPI(title="Tandem serving", version="1", lifespan=lifespan,
+                  description="Zero-shot classification, embeddings and image-text retrieval with a CLIP model.")
+    app.state.tandem = state
+    install_handlers(app)
+    bearer = HTTPBearer(auto_error=False, description="TANDEM_API_TOKEN, when the server has one")
+
+    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        token = settings.api_token
+        if token and not (credentials and hmac.compare_digest(credentials.credentials.encode(), token.encode())):
+            raise Unauthorized("missing or wrong bearer token")
+
+    def service() -> Service:
+        if state.service is None:
+            raise NotReady(f"model failed to load: {state.error}" if state.error else "model is still loading")
+        return state.service
+
+    Svc = Annotated[Service, Depends(service)]
+    v1 = dict(dependencies=[Depends(authorized)], responses=ERRORS)
+
+    @app.get("/healthz", response_model=schemas.Health, response_model_exclude_none=True,
+             responses={503: {"model": schemas.Health}})
+    async def healthz():
+        """Liveness: 200 while the process works (503 only if loading failed: restart it)."""
+        if state.error:
+            return JSONResponse({"status": "failed", "detail": state.error}, 503)
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=schemas.Health, response_model_exclude_none=True,
+             responses={503: {"model": schemas.Health}})
+    async def readyz():
+        """Readiness: 200 once the model (and index) are loaded, 503 before."""
+        if state.service is None:
+            status = {"status": "failed", "detail": state.error} if state.error else {"status": "loading"}
+            return JSONResponse(status, 503)
+        return {"status": "ready"}
+
+    @app.get("/metrics", dependencies=[Depends(authorized)], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: ERRORS[401]})
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/embed", response_model=schemas.EmbedResponse, **v1)
+    async def embed(body: schemas.EmbedRequest, svc: Svc):
+        """L2-normalised embeddings of texts and/or base64 images."""
+        return _json(await svc.embed("/v1/embed", body.texts, body.images))
+
+    @app.post("/v1/embed/upload", response_model=schemas.EmbedResponse, **v1)
+    async def embed_upload(svc: Svc, images: Annotated[list[UploadFile] | None, File()] = None,
+                           texts: Annotated[list[str] | None, Form()] = None):
+        """Like /v1/embed, with images as multipart files and texts as form fields."""
+        images = images or []
+        body = _validate(schemas.EmbedRequest, texts=texts or [], images=["-"] * len(images))
+        return _json(await svc.embed("/v1/embed/upload", body.texts, await _read(images, settings)))
+
+    @app.post("/v1/classify", response_model=schemas.ClassifyResponse, **v1)
+    async def classify(body: schemas.ClassifyRequest, svc: Svc):
+        """Zero-shot: per image, every label's probability and cosine score."""
+        return _json(await svc.classify("/v1/classify", body, body.images))
+
+    @app.post("/v1/classify/upload", response_model=schemas.ClassifyResponse, **v1)
+    async def classify_upload(svc: Svc, images: Annotated[list[UploadFile], File()],
+                              labels: Annotated[list[str], Form()],
+                              templates: Annotated[list[str] | None, Form()] = None,
+                              top_k: Annotated[int | None, Form()] = None):
+        """Like /v1/classify, with images as multipart files and labels/templates as form fields."""
+        options = {"labels": labels, "top_k": top_k, **({"templates": templates} if templates else {})}
+        body = _validate(schemas.ClassifyRequest, images=["-"] * len(images), **options)
+        return _json(await svc.classify("/v1/classify/upload", body, await _read(images, settings)))
+
+    @app.post("/v1/search", response_model=schemas.SearchResponse, **v1)
+    async def search(body: schemas.SearchRequest, svc: Svc):
+        """The k most similar indexed items to a text, an image or an embedding, among those matching the filter."""
+        return _json(await svc.search("/v1/search", body, text=body.text, image=body.image,
+                                      embedding=body.embedding))
+
+    @app.post("/v1/search/upload", response_model=schemas.SearchResponse, **v1)
+    async def search_upload(svc: Svc, image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 10,
+                            filter: Annotated[str | None, Form(description="JSON object, as in /v1/search")] = None):
+        """Like /v1/search with an image query uploaded as a multipart file."""
+        try:
+            where = json.loads(filter) if filter else None
+        except json.JSONDecodeError as error:
+            raise RequestValidationError([{"loc": ("body", "filter"), "msg": f"not JSON: {error}"}]) from None
+        body = _validate(schemas.SearchOptions, k=k, filter=where)
+        return _json(await svc.search("/v1/search/upload", body, image=(await _read([image], settings))[0]))
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
+    return app
+
+
+def _json(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
+
+
+def _validate(model: type, **fields):
+    """Form fields through the same pydantic model as the JSON body (422 the same way)."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{"loc": ("body", *e["loc"]), "msg": e["msg"]} for e in error.errors()]) from None
+
+
+async def _read(files: list[UploadFile], settings: ServeSettings) -> list[bytes]:
+    out = []
+    for upload in files:
+        data = await upload.read(settings.max_body_bytes + 1)
+        if len(data) > settings.max_body_bytes:
+            raise TooLarge("uploaded file over the body limit")
+        out.append(data)
+    return out
+
+
+def check_settings(settings: ServeSettings) -> None:
+    """Refuse a wrong ``--model``/``--weights``/``--index`` with one line, before the server starts."""
+    from serving.engine import check_model, model_embed_dim
+    from serving.index import read_manifest
+    from training.errors import UserError
+
+    name, _ = check_model(settings.model, settings.weights)
+    if settings.index:
+        manifest = read_manifest(settings.index)
+        dim = model_embed_dim(name)
+        if dim is not None and int(manifest["dim"]) != dim:
+            raise UserError(f"index {settings.index} holds {manifest['dim']}-d embeddings, the model's are {dim}-d")
+    if settings.max_batch_size < 1 or settings.workers < 1 or settings.max_wait_ms < 0:
+        raise UserError("--max-batch-size and --workers must be >= 1, --max-wait-ms >= 0")
+
+
+def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False) -> None:
+    """Run the app under uvicorn in this process until interrupted."""
+    import uvicorn
+
+    check_settings(settings)
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level="info",
+                timeout_graceful_shutdown=10)

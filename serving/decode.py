@@ -1,0 +1,69 @@
+"""Request bytes -> model inputs: base64, image decoding with a pixel cap, the eval transform.
+
+Images decode exactly as ``tandem eval`` decodes them (``data.pipeline.decode_image``: RGB, JPEGs at
+the smallest DCT scale still >= the model's input side), so the server's predictions equal the
+evaluation's. That function cannot be imported here (``data.pipeline`` pulls in webdataset); a test
+checks the two agree.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Callable
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from serving.errors import BadInput, TooLarge
+
+
+def b64decode(text: str, what: str) -> bytes:
+    """Standard base64, optionally as a ``data:image/...;base64,`` URL."""
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadInput(f"{what} is not valid base64") from None
+    if not data:
+        raise BadInput(f"{what} is empty")
+    return data
+
+
+def decode_image(data: bytes, size: int, max_pixels: int, what: str = "image") -> Image.Image:
+    """Decode to RGB; reject undecodable or truncated bytes (400) and images over ``max_pixels`` (413).
+
+    The pixel cap is checked on the header's declared size, before any pixel is decoded, so a
+    decompression bomb costs nothing.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise TooLarge(f"{what} is {width}x{height} pixels, over the cap of {max_pixels}")
+        if image.format == "JPEG":
+            image.draft("RGB", (size, size))
+        image = image.convert("RGB")
+        image.load()
+        return image
+    except TooLarge:
+        raise
+    except Image.DecompressionBombError as error:
+        raise TooLarge(f"{what}: {error}") from None
+    except UnidentifiedImageError:
+        raise BadInput(f"{what} is not an image (no format PIL reads recognises it)") from None
+    # PIL's format plugins raise a zoo of exception types on corrupt or truncated data; at this
+    # boundary every one of them means "the client sent bytes that are not a usable image".
+    except Exception as error:  # noqa: BLE001
+        raise BadInput(f"{what} cannot be decoded as an image ({type(error).__name__}: {error})") from None
+
+
+def image_tensor(data: bytes, transform: Callable, size: int, max_pixels: int, what: str = "image") -> torch.Tensor:
+    """Bytes -> the model's ``[3, S, S]`` input through its eval transform."""
+    image = decode_image(data, size, max_pixels, what)
+    try:
+        return transform(image)
+    except Exception as error:  # noqa: BLE001 - same boundary as above, for odd modes and sizes
+        raise BadInput(f"{what} cannot be preprocessed ({type(error).__name__}: {error})") from None

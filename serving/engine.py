@@ -1,0 +1,134 @@
+"""Embed and zero-shot classify with an open_clip model: pure torch, no HTTP, no threads.
+
+Shape legend: B = images or texts in a batch, C = labels, T = prompt templates, D = embed dim.
+
+Models load with safetensors only (never pickle): an export directory through open_clip's
+``local-dir:``, or an open_clip model name / model-config JSON plus a ``.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from training.errors import UserError
+
+WEIGHTS_FILE = "open_clip_model.safetensors"
+CONFIG_FILE = "open_clip_config.json"
+# Tandem's own model configs (tandem-tiny ...), found without importing training.model.
+TANDEM_CONFIGS = Path(__file__).resolve().parents[1] / "training" / "model_configs"
+
+
+@dataclass
+class Engine:
+    """An open_clip model in eval mode with its eval transform and tokenizer."""
+
+    model: torch.nn.Module
+    transform: Callable
+    tokenizer: Callable
+    device: torch.device
+    name: str
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        size = self.model.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        # softmax(logit_scale.exp() * cosine) is CLIP's own zero-shot probability
+        self.logit_scale = float(self.model.logit_scale.detach().float().exp())
+        with torch.no_grad():
+            self.embed_dim = int(self.encode_texts(["x"]).shape[1])
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` preprocessed images -> ``[B, D]`` L2-normalised float32 on the CPU."""
+        features = self.model.encode_image(images.to(self.device, non_blocking=True))
+        return F.normalize(features.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """``B`` strings -> ``[B, D]`` L2-normalised float32 on the CPU."""
+        features = self.model.encode_text(self.tokenizer(texts).to(self.device))
+        return F.normalize(features.float(), dim=-1).cpu()
+
+    def classify(self, image_features: torch.Tensor, label_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, cosine scores), both ``[B, C]``: softmax over the labels of scale * cosine."""
+        scores = image_features @ label_features.T
+        return (self.logit_scale * scores).softmax(dim=-1), scores
+
+
+def prompts(labels: list[str], templates: list[str]) -> list[str]:
+    """The ``C * T`` prompts, label-major: ``[t.format(label) for label in labels for t in templates]``."""
+    return [template.format(label) for label in labels for template in templates]
+
+
+def ensemble(prompt_features: torch.Tensor, num_templates: int) -> torch.Tensor:
+    """``[C*T, D]`` normalised prompt embeddings -> ``[C, D]``: per label, the normalised mean.
+
+    Exactly ``training.evaluate.class_embeddings``, so the server's zero-shot equals ``tandem eval``'s.
+    """
+    per_label = prompt_features.reshape(-1, num_templates, prompt_features.shape[-1])
+    return F.normalize(per_label.mean(dim=1), dim=-1)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for, but CUDA is not available")
+    return torch.device(device)
+
+
+def check_model(model: str, weights: str | None) -> tuple[str, str | None]:
+    """Validate ``--model``/``--weights`` without loading anything: (open_clip name, weights file)."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise UserError(f"{path} is not an exported model (no {CONFIG_FILE})")
+        if not (path / WEIGHTS_FILE).is_file():
+            raise UserError(f"{path} has no {WEIGHTS_FILE} (only safetensors weights are loaded)")
+        if weights:
+            raise UserError("--weights is only for a model name or config; an export directory has its own")
+        return f"local-dir:{path.resolve()}", None
+    if not weights:
+        raise UserError(f"{model} is not an export directory; a model name or config needs --weights FILE.safetensors")
+    if not weights.endswith(".safetensors") or not Path(weights).is_file():
+        raise UserError(f"--weights must be an existing .safetensors file (no pickle), got {weights}")
+    if model.endswith(".json"):
+        if not path.is_file():
+            raise UserError(f"model config file not found: {path}")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"model config {path} is not valid JSON: {error}") from None
+        if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg.get("model_cfg", cfg)):
+            raise UserError(f"model config {path} needs embed_dim, vision_cfg and text_cfg")
+        open_clip.add_model_config(path)
+        return path.stem, weights
+    open_clip.add_model_config(TANDEM_CONFIGS)
+    if open_clip.get_model_config(model) is None:
+        raise UserError(f"unknown model '{model}': not an export directory, a config .json or an open_clip name")
+    return model, weights
+
+
+def model_embed_dim(name: str) -> int | None:
+    """The embedding dimension a checked model name will have (None if its config does not say)."""
+    cfg = open_clip.get_model_config(name)
+    return int(cfg["embed_dim"]) if cfg and "embed_dim" in cfg else None
+
+
+def load_engine(model: str, weights: str | None = None, device: str = "auto") -> Engine:
+    """Load an export directory (``local-dir:``) or a model name/config plus safetensors weights."""
+    name, weights = check_model(model, weights)
+    target = resolve_device(device)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a Hugging Face text tower loads from the export
+    net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=target,
+                                                               pretrained_text=False)
+    tokenizer = open_clip.get_tokenizer(name)
+    return Engine(model=net, transform=preprocess, tokenizer=tokenizer, device=target, name=str(model))

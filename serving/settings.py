@@ -1,0 +1,42 @@
+"""What ``tandem serve`` is configured with (its flags, one field each)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env_token() -> str | None:
+    return os.environ.get("TANDEM_API_TOKEN") or None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeSettings:
+    model: str
+    """Export directory (open_clip ``local-dir:``), or an open_clip model name / config .json with ``weights``."""
+    weights: str | None = None
+    """``.safetensors`` weights for a model name or config (pickle files are refused)."""
+    index: str | None = None
+    """Index directory written by ``tandem index`` (``/v1/search`` needs one)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    max_batch_size: int = 32
+    """Most images (or texts) in one forward pass; 1 turns cross-request batching off."""
+    max_wait_ms: float = 10.0
+    """How long a lone request waits for others to join its batch."""
+    workers: int = 4
+    """Threads that decode images and search the index (the forward passes have their own thread)."""
+    threads: int = 0
+    """torch intra-op threads for the forward pass (0 keeps torch's default: one per core)."""
+    max_pixels: int = 50_000_000
+    """Images whose header declares more pixels are refused with 413 before decoding (bombs)."""
+    max_body_bytes: int = 32 * 2**20
+    """Request bodies over this are refused with 413."""
+    label_cache: int = 64
+    """Label sets (labels + templates) whose text embeddings are kept (LRU)."""
+    nprobe: int = 16
+    """IVF indexes: inverted lists visited per query."""
+    ef_search: int = 64
+    """HNSW indexes: search breadth."""
+    api_token: str | None = field(default_factory=_env_token)
+    """Bearer token required on /v1 and /metrics (default: ``TANDEM_API_TOKEN``; unset: no auth)."""

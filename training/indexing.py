@@ -1,0 +1,193 @@
+"""``tandem index``: embed every image of WebDataset shards into a FAISS index the server memory-maps.
+
+Shape legend: n = items in a chunk, N = items in the index, D = embed dim.
+
+The images stream through the evaluation loader (``data.pipeline``, ``train=False``: every sample
+once, in shard order) and the model the server loads (``serving.engine.load_engine``, same eval
+transform), so a served image's embedding equals its indexed one. Embeddings and metadata are written
+in chunks to ``OUT/parts`` with a progress file holding the loader's cursor; running the same command
+again after an interruption continues after the last finished chunk. When all chunks are there the
+FAISS index and the metadata files are written (see ``serving/index.py`` for the layout) and the parts
+are removed; ``index.json`` is written last, so its presence means the index is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from data.pipeline import StreamSpec, make_loader
+from data.shards import count_samples, expand_shards
+from serving.engine import check_model, load_engine
+from serving.index import INDEX_FILE, MANIFEST_FILE, META_FILE, OFFSETS_FILE
+from training.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PARTS = "parts"
+PROGRESS = "progress.json"
+KINDS = ("flat", "ivf", "hnsw")
+IVF_TRAIN_PER_LIST = 256  # training points per IVF list (FAISS wants >= 39)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _record(key: str, caption: str, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"key": key, "caption": caption, "url": meta.get("url"), "meta": meta}
+
+
+def _write_chunk(parts: Path, number: int, embeddings: list[np.ndarray], records: list[dict]) -> None:
+    """One chunk's ``[n, D]`` embeddings and n metadata lines (the progress file is updated after)."""
+    stem = parts / f"chunk-{number:05d}"
+    tmp = stem.with_suffix(".npy.tmp")
+    with open(tmp, "wb") as out:
+        np.save(out, np.concatenate(embeddings).astype(np.float32))
+    os.replace(tmp, stem.with_suffix(".npy"))
+    _write_atomic(stem.with_suffix(".jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+
+
+def _load_progress(parts: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The progress of an unfinished build of the same model and shards, or a fresh start."""
+    path = parts / PROGRESS
+    if not path.is_file():
+        return {**identity, "chunks": 0, "cursor": 0, "count": 0}
+    progress = json.loads(path.read_text())
+    if {k: progress.get(k) for k in identity} != identity:
+        raise UserError(f"{parts.parent} holds an unfinished index of other shards or another model; "
+                        "use another --out or --overwrite")
+    for stale in parts.glob("chunk-*"):  # a chunk written after the last progress update
+        if int(stale.name[6:11]) >= progress["chunks"]:
+            stale.unlink()
+    return progress
+
+
+def _embed_chunks(engine, urls: list[str], parts: Path, progress: dict[str, Any], batch_size: int,
+                  chunk_size: int) -> dict[str, Any]:
+    spec = StreamSpec(urls=urls, batch_size=batch_size, workers=1, train=False, cursors={0: progress["cursor"]})
+    loader = make_loader(spec, engine.transform, engine.tokenizer, engine.image_size)
+    total = count_samples(urls)
+    bar = tqdm(total=total or None, initial=progress["cursor"], unit="img", desc="index", disable=None)
+    embeddings: list[np.ndarray] = []
+    records: list[dict] = []
+
+    def flush(cursor: int) -> None:
+        _write_chunk(parts, progress["chunks"], embeddings, records)
+        progress.update(chunks=progress["chunks"] + 1, cursor=cursor, count=progress["count"] + len(records))
+        _write_atomic(parts / PROGRESS, json.dumps(progress).encode())
+        log.info("chunk %d written (%d items so far)", progress["chunks"], progress["count"])
+        embeddings.clear()
+        records.clear()
+
+    cursor = progress["cursor"]
+    for batch in loader:
+        embeddings.append(engine.encode_images(batch["image"]).numpy())
+        records.extend(_record(k, c, m) for k, c, m in zip(batch["key"], batch["caption"], batch["meta"]))
+        bar.update(batch["cursor"] - cursor)
+        cursor = batch["cursor"]
+        if len(records) >= chunk_size:
+            flush(cursor)
+    if records:
+        flush(cursor)
+    bar.close()
+    return progress
+
+
+def _make_index(kind: str, dim: int, count: int, nlist: int, hnsw_m: int) -> faiss.Index:
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if kind == "ivf":
+        nlist = nlist or max(1, min(int(4 * math.sqrt(count)), count // 39))
+        return faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    return faiss.index_factory(dim, f"HNSW{hnsw_m}", faiss.METRIC_INNER_PRODUCT)
+
+
+def _training_sample(chunks: list[Path], count: int, size: int) -> np.ndarray:
+    """``[min(size, N), D]`` random rows of all chunks, read chunk by chunk (never all N at once)."""
+    rows = np.sort(np.random.default_rng(0).permutation(count)[:size])
+    picked, start = [], 0
+    for chunk in chunks:
+        data = np.load(chunk.with_suffix(".npy"), mmap_mode="r")
+        mine = rows[(rows >= start) & (rows < start + len(data))] - start
+        picked.append(np.asarray(data[mine]))
+        start += len(data)
+    return np.ascontiguousarray(np.concatenate(picked), dtype=np.float32)
+
+
+def _finish(out: Path, parts: Path, progress: dict[str, Any], kind: str, nlist: int, hnsw_m: int,
+            model_cfg: dict | None) -> dict[str, Any]:
+    """Parts -> ``index.faiss``, ``meta.jsonl``, ``meta.offsets.npy``, then ``index.json``."""
+    chunks = [parts / f"chunk-{i:05d}" for i in range(progress["chunks"])]
+    dim, count = progress["dim"], progress["count"]
+    index = _make_index(kind, dim, count, nlist, hnsw_m)
+    if not index.is_trained:
+        if index.nlist > count:
+            raise UserError(f"--nlist {index.nlist} is more than the {count} items to index")
+        index.train(_training_sample(chunks, count, index.nlist * IVF_TRAIN_PER_LIST))
+    offsets = [0]
+    with open(out / (META_FILE + ".tmp"), "wb") as meta:
+        for chunk in chunks:
+            index.add(np.ascontiguousarray(np.load(chunk.with_suffix(".npy"))))
+            for line in chunk.with_suffix(".jsonl").read_bytes().splitlines(keepends=True):
+                meta.write(line)
+                offsets.append(offsets[-1] + len(line))
+    os.replace(out / (META_FILE + ".tmp"), out / META_FILE)
+    np.save(out / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+    faiss.write_index(index, str(out / (INDEX_FILE + ".tmp")))
+    os.replace(out / (INDEX_FILE + ".tmp"), out / INDEX_FILE)
+    manifest = {"count": count, "dim": dim, "kind": kind, "model": progress["model"], "model_cfg": model_cfg,
+                "shards": progress["shards"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    shutil.rmtree(parts)
+    return manifest
+
+
+def build_index(model: str, shards: str, out: Path, *, weights: str | None = None, kind: str = "flat",
+                nlist: int = 0, hnsw_m: int = 32, batch_size: int = 256, chunk_size: int = 8192,
+                device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
+    """Embed every image of ``shards`` with ``model`` into a FAISS index in ``out`` (resumable).
+
+    Returns a summary: ``out``, ``count``, ``dim``, ``kind``, ``seconds``.
+    """
+    if kind not in KINDS:
+        raise UserError(f"unknown index kind '{kind}' (one of {', '.join(KINDS)})")
+    if batch_size < 1 or chunk_size < 1:
+        raise UserError("--batch-size and --chunk-size must be >= 1")
+    out = Path(out)
+    if (out / MANIFEST_FILE).is_file():
+        if not overwrite:
+            raise UserError(f"{out} already holds a finished index (use --overwrite to rebuild it)")
+        for name in (MANIFEST_FILE, INDEX_FILE, META_FILE, OFFSETS_FILE, PARTS):
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    urls = expand_shards(shards)
+    start = time.time()
+    engine = load_engine(model, weights, device)
+    parts = out / PARTS
+    parts.mkdir(parents=True, exist_ok=True)
+    identity = {"model": str(Path(model).resolve()) if Path(model).exists() else model, "shards": urls,
+                "dim": engine.embed_dim}
+    progress = _load_progress(parts, identity)
+    if progress["chunks"]:
+        log.info("resuming %s after %d chunks (%d items)", out, progress["chunks"], progress["count"])
+    progress = _embed_chunks(engine, urls, parts, progress, batch_size, chunk_size)
+    if not progress["count"]:
+        raise UserError(f"no images could be read from {shards}")
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(check_model(model, weights)[0])
+    manifest = _finish(out, parts, progress, kind, nlist, hnsw_m, model_cfg)
+    return {"out": str(out), "count": manifest["count"], "dim": manifest["dim"], "kind": kind,
+            "seconds": round(time.time() - start, 1)}
