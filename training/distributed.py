@@ -79,6 +79,13 @@ def init(timeout_s: float | None = None) -> None:
     _quiet_deepspeed()
     import deepspeed
 
+    if not torch.cuda.is_available():
+        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce that only its inference path
+        # uses; training's collectives go through gloo. Skipping it saves minutes on a first run
+        # and the need for a C++ toolchain in the container (the op builder may return None).
+        import deepspeed.comm.torch as ds_torch_comm
+
+        ds_torch_comm.build_shm_op = lambda: None
     deepspeed.init_distributed(
         dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False
     )
