@@ -89,6 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--test-samples", type=int, default=2000)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64)
+    shards = data_sub.add_parser("shards", help="write img2dataset-layout shards from images + captions")
+    shards.add_argument("--input", required=True,
+                        help="folder of images with caption sidecars (a.jpg + a.txt), or a .csv/.tsv/.parquet table")
+    shards.add_argument("--out", required=True, help="output folder or s3://bucket/prefix (reruns resume)")
+    shards.add_argument("--samples-per-shard", type=int, default=10000)
+    shards.add_argument("--max-size", type=int, default=0, help="downscale longer sides above this (0: keep)")
+    shards.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    shards.add_argument("--csv-img-key", default="filepath")
+    shards.add_argument("--csv-caption-key", default="caption")
+    shards.add_argument("--csv-separator", help="default: tab for .tsv, comma for .csv")
+    shards.add_argument("--workers", type=int, default=1, help="processes encoding shards in parallel")
+    shards.add_argument("--s3-endpoint-url", default="", help="S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
     return parser
 
 
@@ -155,6 +167,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "shards":
+        return cmd_data_shards(args)
     from data.synth import write_dataset
 
     start = time.time()
@@ -165,6 +179,23 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from None
     print(f"wrote {summary['train']['samples']} train and {summary['test']['samples']} test samples, "
           f"{summary['classes']} classes, to {args.out} in {time.time() - start:.1f}s")
+    return 0
+
+
+def cmd_data_shards(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from data.s3 import S3Settings
+    from data.writer import Output, WriteOptions, input_rows, write_shards
+
+    rows = input_rows(args.input, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+    options = WriteOptions(samples_per_shard=args.samples_per_shard, max_size=args.max_size, quality=args.quality)
+    settings = S3Settings(endpoint_url=args.s3_endpoint_url)
+    Output(args.out, settings).check()  # a bad target fails in one line, before the progress bar
+    with tqdm(total=len(rows), unit="img", desc="shards") as bar:
+        totals = write_shards(rows, args.out, options, settings=settings, workers=args.workers, progress=bar.update)
+    print(f"wrote {totals['successes']} of {totals['count']} samples in {totals['shards']} shards to {args.out} "
+          f"({totals['resumed']} shards already complete); skipped: {json.dumps(totals['failures'])}")
     return 0
 
 
