@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data.s3 import S3Settings
@@ -81,9 +81,8 @@ def decode_image(data: bytes, size: int | None) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         if size and image.format == "JPEG":
             image.draft("RGB", (size, size))
-        image = image.convert("RGB")
         image.load()
-        return image
+        return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise SkipSample(f"undecodable image ({error})") from None
 
@@ -219,7 +218,9 @@ class ShardStream(IterableDataset):
                 counter.skip(f"sample {sample.get('__key__')} of {sample.get('__url__')}", str(reason))
                 continue
             if self.spec.train:  # augmentation depends only on the sample's place in the stream
-                torch.manual_seed(_mix(self.spec.seed, "augment", self.spec.rank, role, position))
+                # the CPU generator alone: torch.manual_seed also seeds (lazily, formatting a stack
+                # trace each call) every CUDA device, which cost more than decoding the JPEG
+                torch.default_generator.manual_seed(_mix(self.spec.seed, "augment", self.spec.rank, role, position))
             batch.append((self.transform(image), caption, sample["__key__"], decode_meta(sample)))
             if len(batch) == self.spec.batch_size:
                 yield self._collate(batch, role, position, counter.take(), sample["__epoch__"])
@@ -230,7 +231,7 @@ class ShardStream(IterableDataset):
     def _collate(self, batch: list, role: int, position: int, skipped: int, epoch: int) -> dict[str, Any]:
         images, captions, keys, metas = zip(*batch)
         return {
-            "image": torch.stack(images),
+            "image": default_collate(images),  # in a worker: stacked straight into shared memory
             "text": self.tokenizer(list(captions)),
             "caption": list(captions),
             "key": list(keys),
