@@ -63,6 +63,16 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+TRACE = {"TANDEM_TRACE_KEYS": "1"}
+
+
+def key_trace(run_dir: Path, rank: int) -> dict[int, list[str]]:
+    """step -> the sample keys this rank trained on (written by the trainer under TANDEM_TRACE_KEYS)."""
+    records = [json.loads(line) for line in (run_dir / f"keys.rank{rank}.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # each step once, in order
+    return {r["step"]: r["keys"] for r in records}
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     return consolidated_state_dict(run_dir / "checkpoints", tag)
@@ -71,7 +81,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_train_checkpoint_resume_equals_uninterrupted(tmp_path, synth_data, shards_with_damage):
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     cfg = write_config(tmp_path / "full.toml", shards_with_damage, synth_data, full_dir)
-    run = tandem("train", "--config", str(cfg), "--nproc", "2")
+    run = tandem("train", "--config", str(cfg), "--nproc", "2", env=TRACE)
     assert run.returncode == 0, run.stderr[-4000:]
 
     records = metrics(full_dir)
@@ -94,10 +104,11 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path, synth_data, shar
 
     # interrupted at step 3, then resumed from the latest checkpoint
     cfg = write_config(tmp_path / "split.toml", shards_with_damage, synth_data, split_dir, stop_at=3)
-    first = tandem("train", "--config", str(cfg), "--nproc", "2")
+    first = tandem("train", "--config", str(cfg), "--nproc", "2", env=TRACE)
     assert first.returncode == 0, first.stderr[-4000:]
     assert (split_dir / "checkpoints" / "latest").read_text().strip() == "step00000003"
-    second = tandem("train", "--config", str(cfg), "--set", "train.stop_at=0", "--resume", "latest", "--nproc", "2")
+    second = tandem("train", "--config", str(cfg), "--set", "train.stop_at=0", "--resume", "latest", "--nproc", "2",
+                    env=TRACE)
     assert second.returncode == 0, second.stderr[-4000:]
     assert [r["step"] for r in metrics(split_dir)] == [1, 2, 3, 4, 5, 6]
     full, resumed = final_weights(full_dir), final_weights(split_dir)
@@ -105,6 +116,14 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path, synth_data, shar
     for name in full:
         assert torch.allclose(full[name], resumed[name], atol=1e-6), name
     assert [r["loss"] for r in metrics(split_dir)][3:] == pytest.approx([r["loss"] for r in records][3:], abs=1e-6)
+    # the same sample keys in the same order on every rank, the steps after the resume included
+    for rank in range(2):
+        full_keys, resumed_keys = key_trace(full_dir, rank), key_trace(split_dir, rank)
+        assert list(full_keys) == list(resumed_keys) == [1, 2, 3, 4, 5, 6]
+        assert all(len(keys) == 16 for keys in full_keys.values())
+        for step in (4, 5, 6):
+            assert resumed_keys[step] == full_keys[step], (rank, step)
+    assert key_trace(full_dir, 0) != key_trace(full_dir, 1)  # each rank its own samples
 
 
 def _short_config(tmp_path: Path, synth_data: Path, run_dir: Path) -> Path:

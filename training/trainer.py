@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -214,6 +215,7 @@ class Trainer:
                      cfg.steps * global_batch / max(samples, 1))
         batches = iter(self._loader())
         result: dict[str, float] = {}
+        trace = self._key_trace()
         try:
             while self.step < cfg.steps:
                 start = time.perf_counter()
@@ -224,6 +226,9 @@ class Trainer:
                 for batch in step_batches:
                     self.cursor.advance(batch)
                     self.unreported_skips += batch["skipped"]
+                if trace:
+                    keys = [k for b in step_batches for k in b["key"]]
+                    trace.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._record(metrics, loss, waited, time.perf_counter() - start)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
@@ -240,7 +245,16 @@ class Trainer:
                 self.export()
         finally:
             metrics.close()
+            if trace:
+                trace.close()
         return result
+
+    def _key_trace(self):
+        """With TANDEM_TRACE_KEYS=1, each rank appends its sample keys per step to keys.rank<R>.jsonl
+        (off by default): how the resume test checks "the same samples in the same order"."""
+        if not os.environ.get("TANDEM_TRACE_KEYS"):
+            return None
+        return (self.run_dir / f"keys.rank{distributed.rank()}.jsonl").open("a", buffering=1)
 
     def _record(self, metrics: MetricsLogger, loss: torch.Tensor, waited: float, elapsed: float) -> None:
         world = distributed.world_size()
