@@ -78,11 +78,31 @@ def check(url: str, settings: S3Settings) -> int:
         code = _error_code(error)
         if code in ("404", "NoSuchKey", "NoSuchBucket"):
             code = "NoSuchKey" if _bucket_exists(bucket, settings) else "NoSuchBucket"
-        reason = {"NoSuchBucket": "no such bucket", "NoSuchKey": "no such key",
-                  "403": "access denied (check the credentials)"}.get(code, code or "error")
-        raise UserError(f"cannot read {url}: {reason}") from None
+        elif code == "403":  # a HEAD answer has no body: a 1-byte GET says which credential is wrong
+            code = _get_error_code(bucket, key, settings) or code
+        raise UserError(f"cannot read {url}: {REASONS.get(code, code or 'error')}") from None
     except BotoCoreError as error:
         raise UserError(f"cannot read {url}: {error}") from None
+
+
+REASONS = {
+    "NoSuchBucket": "no such bucket",
+    "NoSuchKey": "no such key",
+    "InvalidAccessKeyId": "the store does not know this access key id (check the credentials)",
+    "SignatureDoesNotMatch": "the secret access key does not match the access key id (check the credentials)",
+    "AccessDenied": "access denied (check the credentials and the bucket policy)",
+    "403": "access denied (check the credentials)",
+}
+
+
+def _get_error_code(bucket: str, key: str, settings: S3Settings) -> str:
+    try:
+        client(settings).get_object(Bucket=bucket, Key=key, Range="bytes=0-0")
+    except ClientError as error:
+        return _error_code(error)
+    except BotoCoreError:
+        pass
+    return ""
 
 
 def _bucket_exists(bucket: str, settings: S3Settings) -> bool:

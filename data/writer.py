@@ -222,8 +222,12 @@ class Output:
             s3.client(self.settings).head_bucket(Bucket=self.bucket)
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
-            reason = {"404": "no such bucket", "NoSuchBucket": "no such bucket",
-                      "403": "access denied (check the credentials)"}.get(code, code or "error")
+            if code == "403":  # a HEAD answer has no body: a listing says which credential is wrong
+                try:
+                    s3.client(self.settings).list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                except ClientError as detailed:
+                    code = str(detailed.response.get("Error", {}).get("Code", "")) or code
+            reason = s3.REASONS.get("NoSuchBucket" if code == "404" else code, code or "error")
             raise UserError(f"cannot write {self.target}: {reason}") from None
         except BotoCoreError as error:
             raise UserError(f"cannot write {self.target}: {error}") from None

@@ -1,8 +1,13 @@
 """Shards on a real S3-compatible server (moto's server mode on 127.0.0.1), read through boto3."""
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -83,6 +88,67 @@ def test_cli_reports_a_missing_bucket_in_one_line(s3_server, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == \
         "tandem: error: cannot read s3://nobucket/shard-0.tar: no such bucket"
+
+
+AUTH_BUCKET = "tandem-private"
+
+
+@pytest.fixture(scope="module")
+def auth_server(synth_data):
+    """moto's S3 with IAM authentication on, in its own process: only the key of the user created here works.
+
+    ``INITIAL_NO_AUTH_ACTION_COUNT`` is read once when moto is imported and holds for its whole process, so
+    this server cannot share the test process with the ThreadedMotoServer above (which accepts any key).
+    The first 3 requests (create the user, give it S3 rights, create its key) pass unauthenticated.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="anonymous",
+                           aws_secret_access_key="anonymous")
+        iam.create_user(UserName="trainer")
+        iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        good = S3Settings(endpoint_url=url, region="us-east-1", access_key_id=key["AccessKeyId"],
+                          secret_access_key=key["SecretAccessKey"], retry_seconds=5)
+        from data.s3 import client
+
+        client(good).create_bucket(Bucket=AUTH_BUCKET)
+        client(good).upload_file(str(synth_data / "train" / "shard-00000.tar"), AUTH_BUCKET, "shard-0.tar")
+        yield good
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_bad_credentials_give_one_line_naming_the_url(auth_server, tmp_path):
+    shard = f"s3://{AUTH_BUCKET}/shard-0.tar"
+    check_remote([shard], auth_server)  # the right key reads the shard: the failures below are the keys'
+    assert len(keys([shard], auth_server)) == 64
+    unknown = replace(auth_server, access_key_id="AKIAUNKNOWNUNKNOWN00", secret_access_key="nope")
+    with pytest.raises(UserError, match=rf"^cannot read {shard}: the store does not know this access key id"):
+        check_remote([shard], unknown)
+    # through the real CLI, the key from the environment with a wrong secret
+    cfg = tmp_path / "private.toml"
+    cfg.write_text(f'[data]\ntrain_shards = "{shard}"\ns3_endpoint_url = "{auth_server.endpoint_url}"\n')
+    env = {**CREDS, "AWS_ACCESS_KEY_ID": auth_server.access_key_id, "AWS_SECRET_ACCESS_KEY": "wrong"}
+    proc = tandem("train", "--config", str(cfg), env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"tandem: error: cannot read {shard}: the secret access key does not match the access key id "
+        "(check the credentials)")
 
 
 @pytest.mark.slow
