@@ -184,7 +184,7 @@ def shard_bytes(rows: list[Row], shard: int, key_digits: tuple[int, int], option
             except ValueError as error:
                 reasons[str(error)] += 1
             else:
-                meta = {"key": key, "caption": row.caption, "status": "success", **sizes, **dict(row.extra)}
+                meta = {**dict(row.extra), "key": key, "caption": row.caption, "status": "success", **sizes}
                 _add(tar, f"{key}.jpg", jpeg)
                 _add(tar, f"{key}.txt", row.caption.encode("utf-8"))
                 _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode("utf-8"))
@@ -248,6 +248,19 @@ class Output:
                 return None
             raise
 
+    def exists(self, name: str) -> bool:
+        if not self.remote:
+            return (Path(self.target) / name).is_file()
+        from botocore.exceptions import ClientError
+
+        try:
+            s3.client(self.settings).head_object(Bucket=self.bucket, Key=self._key(name))
+            return True
+        except ClientError as error:
+            if str(error.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey"):
+                return False
+            raise
+
     def put(self, name: str, data: bytes) -> None:
         if self.remote:
             s3.client(self.settings).put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
@@ -307,7 +320,7 @@ def write_shards(rows: list[Row], out: str, options: WriteOptions = WriteOptions
     for index, chunk in enumerate(chunks):
         name = f"{index:0{digits[0]}d}"
         saved = output.get(f"{name}_stats.json")
-        if saved is not None and output.get(f"{name}.tar") is not None:
+        if saved is not None and output.exists(f"{name}.tar"):
             done[name] = json.loads(saved)
             if progress:
                 progress(len(chunk))
@@ -315,7 +328,8 @@ def write_shards(rows: list[Row], out: str, options: WriteOptions = WriteOptions
             todo.append((chunk, index, digits, options, output))
     resumed = len(done)
     if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # boto3 clients do not survive a fork: each worker process makes its own
+        with ProcessPoolExecutor(workers, initializer=s3.client.cache_clear) as pool:
             for (name, stats), job in zip(pool.map(_write_one, todo), todo):
                 done[name] = stats
                 if progress:

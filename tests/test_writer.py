@@ -1,7 +1,6 @@
 """`tandem data shards`: folder / CSV / TSV / parquet -> img2dataset shards, read back by the real loader."""
 
 import csv
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -150,6 +149,9 @@ def test_cli_writes_to_s3_and_names_a_missing_bucket(images, tmp_path):
                       "--samples-per-shard", "4", "--s3-endpoint-url", server.url, env=CREDS)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "wrote 8 of 11 samples in 3 shards" in proc.stdout
+        again = tandem("data", "shards", "--input", str(images), "--out", "s3://out/laion/",
+                       "--samples-per-shard", "4", "--s3-endpoint-url", server.url, env=CREDS)
+        assert again.returncode == 0 and "(3 shards already complete)" in again.stdout, again.stderr[-2000:]
         settings = S3Settings(endpoint_url=server.url, region="us-east-1", access_key_id="testing",
                               secret_access_key="testing")
         remote = read_back([f"s3://out/laion/{i:05d}.tar" for i in range(3)], settings)
