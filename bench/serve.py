@@ -12,7 +12,9 @@ Prints one line per measurement and, last, a JSON line with ``rps_c32``, ``p99_m
 ``ratio_vs_offline`` and ``ratio_vs_one_at_a_time``. The machine may be shared with other work, which
 can only slow a measurement down: every figure is measured in three parts and the best part counts
 (``rps_overall_*`` is the plain total), the parts of the three peers at concurrency 32 are
-interleaved so they see the same conditions, and ``load_avg`` (start, end) is in the JSON.
+interleaved so they see the same conditions, and ``load_avg`` (start, end) is in the JSON. Last, a
+60-second load at concurrency 8 samples the batched server's resident memory every second
+(``soak_rss_*``: it should stay flat).
 
     uv run python bench/serve.py [--requests 192] [--threads N]
 """
@@ -171,6 +173,53 @@ def load(url: str, bodies: list[bytes], concurrency: int, requests: int) -> tupl
     return wall, latencies
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def soak(server: "Server", bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, float]:
+    """``concurrency`` clients for ``seconds``, sampling the server's resident memory every second.
+
+    The first tenth of the samples is the start (allocator pools and caches filled by then); the
+    growth is the last sample over the start.
+    """
+    stop = time.monotonic() + seconds
+    done, failures, lock = [0], [], threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=server.url, timeout=600) as http:
+            number = 0
+            while time.monotonic() < stop:
+                response = http.post("/v1/classify", content=bodies[number % len(bodies)],
+                                     headers={"content-type": "application/json"})
+                number += 1
+                with lock:
+                    if response.status_code == 200:
+                        done[0] += 1
+                    else:
+                        failures.append(response.status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    samples = []
+    while time.monotonic() < stop:
+        samples.append(rss_mib(server.proc.pid))
+        time.sleep(1.0)
+    for thread in threads:
+        thread.join()
+    samples.append(rss_mib(server.proc.pid))
+    if failures:
+        raise RuntimeError(f"{len(failures)} soak requests failed: {sorted(set(failures))}")
+    start = max(samples[: max(len(samples) // 10, 1)])
+    return {"soak_seconds": seconds, "soak_requests": done[0], "soak_rss_start_mib": round(start, 1),
+            "soak_rss_end_mib": round(samples[-1], 1), "soak_rss_max_mib": round(max(samples), 1),
+            "soak_rss_growth_mib": round(samples[-1] - start, 1)}
+
+
 def summary(walls: list[tuple[int, float]], latencies: list[float]) -> dict[str, float]:
     ms = np.asarray(latencies) * 1000
     return {"rps": max(n / wall for n, wall in walls), "rps_overall": len(latencies) / sum(w for _, w in walls),
@@ -201,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the model")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--soak-seconds", type=float, default=60.0,
+                        help="then a load of this length at concurrency 8 on the batched server, its memory sampled")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started, load_start = time.time(), os.getloadavg()[0]
@@ -235,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
                 parts["offline"].append(offline.images_per_s(args.max_batch_size))
                 parts["offline1"].append(offline.images_per_s(1))
             images_in, passes = (a - b for a, b in zip(batches(batched.url), before))
+            if args.soak_seconds > 0:
+                result.update(soak(batched, bodies, 8, args.soak_seconds))
+                print(f"soak: {result['soak_requests']} requests in {args.soak_seconds:.0f} s at concurrency 8, "
+                      f"server RSS {result['soak_rss_start_mib']:.0f} -> {result['soak_rss_end_mib']:.0f} MiB "
+                      f"(max {result['soak_rss_max_mib']:.0f})", flush=True)
         finally:
             batched.close()
             single.close()
