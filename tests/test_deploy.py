@@ -550,16 +550,16 @@ def test_two_nodes_train_with_the_manifests_command(rehearsal):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(500)
 @pytest.mark.parametrize("victim", [0, 1], ids=["master dies", "worker dies"])
 def test_a_dead_node_stops_the_other_within_a_minute(rehearsal, victim):
     r = rehearsal(steps=100000, checkpoint_every=0, eval_every=0)
     nodes = [r.start(node) for node in range(2)]
     metrics = r.run_dir() / "metrics.jsonl"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300  # start-up only: on a loaded 2-core machine it took over 180 s once
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         assert all(p.poll() is None for p in nodes), "\n\n".join(r.log(n) for n in range(2))
-        assert time.monotonic() < deadline, "no training steps within 180 s:\n" + r.log(0)
+        assert time.monotonic() < deadline, "no training steps within 300 s:\n" + r.log(0)
         time.sleep(0.5)
     r.kill(victim)
     killed_at = time.monotonic()
