@@ -30,7 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-samples", type=int, default=20000)
     demo.add_argument("--test-samples", type=int, default=2000)
     demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                      help="override the demo config (training/configs/demo.toml)")
+                      help="override the demo config (training/configs/demo.toml, or <method>.toml)")
+    demo.add_argument("--method", default="clip",
+                      choices=("clip", "simclr", "moco", "byol", "simsiam", "barlow_twins", "swav", "supcon"),
+                      help="clip (default) or an image-only baseline, evaluated by kNN and linear probe")
 
     train = sub.add_parser("train", help="train a CLIP model from a TOML config")
     train.add_argument("--config", help="TOML file with the deltas from the defaults")
@@ -225,6 +228,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
+    if args.method != "clip":
+        from training.unimodal.demo import run_method_demo
+
+        return run_method_demo(Path(args.out), args.method, nproc=args.nproc, train_samples=args.train_samples,
+                               test_samples=args.test_samples, overrides=args.set)
     return run_demo(Path(args.out), nproc=args.nproc, train_samples=args.train_samples,
                     test_samples=args.test_samples, overrides=args.set)
 

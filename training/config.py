@@ -139,12 +139,66 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """The training objective: CLIP (image-text) or an image-only baseline (``training/unimodal``).
+
+    A knob that a method does not use is ignored by it; 0 means "the method's paper value"."""
+
+    name: str = "clip"
+    """``clip`` or one of ``simclr``, ``moco``, ``byol``, ``simsiam``, ``barlow_twins``, ``swav``,
+    ``supcon``."""
+    temperature: float = 0.0
+    """Softmax temperature of SimCLR, MoCo, SwAV, SupCon (0: 0.5, 0.2, 0.1, 0.1)."""
+    proj_hidden: int = 512
+    """Hidden width of the projection (and prediction) MLPs."""
+    proj_dim: int = 128
+    """Output width of the projection head (the embedding the loss sees)."""
+    predictor: bool = True
+    """BYOL/SimSiam: use the prediction head (false makes the set-up collapse; for tests)."""
+    momentum: float = 0.99
+    """MoCo/BYOL: EMA momentum of the target (key) encoder; BYOL's cosine schedule starts here."""
+    momentum_end: float = 1.0
+    """BYOL: the momentum the cosine schedule reaches at the last step."""
+    queue_size: int = 4096
+    """MoCo: keys kept as negatives, independent of the batch size."""
+    shuffle_bn: bool = True
+    """MoCo: shuffle the key batch across ranks around the key encoder (no BatchNorm shortcut)."""
+    barlow_lambda: float = 0.0051
+    """Barlow Twins: weight of the off-diagonal (redundancy-reduction) terms (the paper's value)."""
+    prototypes: int = 64
+    """SwAV: number of prototypes."""
+    sinkhorn_iters: int = 3
+    sinkhorn_epsilon: float = 0.05
+    small_crops: int = 2
+    """SwAV: low-resolution crops besides the two global ones (multi-crop)."""
+    image_size: int = 0
+    """Side of the global crops (0: the model config's image size)."""
+    crop_min_scale: float = 0.0
+    """Smallest area fraction of the random resized crop (0: the paper's value)."""
+    label_key: str = "shape"
+    """Key of the samples' ``.json`` sidecar holding the class, for kNN/linear evaluation and SupCon."""
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    linear_steps: int = 300
+    """Full-batch AdamW steps of the linear probe on frozen backbone features."""
+    eval_train_samples: int = 5000
+    """Labelled training samples embedded for the kNN bank and the probe's training set."""
+    collapse_threshold: float = 0.1
+    """Flag collapse when the per-dimension std of the normalised embeddings, times sqrt(dim),
+    falls below this (1 for isotropic embeddings, 0 for a constant one)."""
+
+
+METHOD_NAMES = ("clip", "simclr", "moco", "byol", "simsiam", "barlow_twins", "swav", "supcon")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     def validate(self) -> "Config":
         """Reject values no run could use; return self so calls chain."""
@@ -162,6 +216,10 @@ class Config:
             (self.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
             (self.optim.lr > 0, "optim.lr must be > 0"),
             (bool(self.data.train_shards), "data.train_shards is empty: name the training shards"),
+            (self.method.name in METHOD_NAMES, f"method.name must be one of {', '.join(METHOD_NAMES)}, "
+                                               f"got '{self.method.name}'"),
+            (self.method.name == "clip" or self.train.zero_stage < 3,
+             "image-only methods support train.zero_stage 0, 1 or 2"),
         ]
         for ok, message in checks:
             if not ok:

@@ -312,7 +312,12 @@ class Trainer:
 def train(cfg: Config, resume: str | None = None) -> dict[str, float]:
     """Run (or resume) training; returns the final evaluation (empty without a held-out split)."""
     distributed.init()
-    trainer = Trainer(cfg)
+    if cfg.method.name != "clip":  # an image-only baseline on the same engine, data and checkpoints
+        from training.unimodal.trainer import UnimodalTrainer
+
+        trainer = UnimodalTrainer(cfg)
+    else:
+        trainer = Trainer(cfg)
     trainer.build()
     if resume == "latest" and not (trainer.ckpt_dir / "latest").is_file():
         # A restarted pod asks for `latest` before any checkpoint exists: that is a fresh start.

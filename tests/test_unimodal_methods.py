@@ -1,0 +1,165 @@
+"""Methods and their parts: every registered method trains a step, MoCo's queue, momentum targets,
+the collapse monitor, multi-view transforms and the kNN / linear-probe evaluation."""
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from training.config import METHOD_NAMES, MethodConfig, OptimConfig
+from training.optim import build_optimizer
+from training.unimodal import methods as methods_mod
+from training.unimodal.evaluate import collapse_stats, is_collapsed, knn_top1, linear_probe_top1
+from training.unimodal.methods import METHODS, build_method
+from training.unimodal.parts import KeyQueue, cosine_momentum, split_views
+from training.unimodal.transforms import MultiView, recipes
+
+SIZE = 16
+
+
+def tiny_backbone() -> tuple[nn.Module, int]:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 16)), 16
+
+
+def make(name: str, **knobs):
+    torch.manual_seed(0)
+    cfg = MethodConfig(name=name, proj_hidden=32, proj_dim=8, queue_size=10, prototypes=5, **knobs)
+    return build_method(name, *tiny_backbone(), cfg)
+
+
+def views(name: str, batch: int = 6, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, r.size, r.size) for r in recipes(name, SIZE)]
+    return [torch.randn(batch, *shape, generator=g) for shape in shapes]
+
+
+def test_registry_matches_config_names():
+    assert set(METHOD_NAMES) == {"clip"} | set(METHODS)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_trains_a_step(name):
+    method = make(name)
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+    before = [p.detach().clone() for p in method.backbone.parameters()]
+    out = method(views(name), torch.arange(6) % 3)
+    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"]) and out["embedding"].shape == (6, 8)
+    out["loss"].backward()
+    optimizer.step()
+    method.after_step(1, 10)
+    assert any(not torch.equal(b, p) for b, p in zip(before, method.backbone.parameters()))
+
+
+def test_queue_is_fifo_and_wraps_around():
+    queue = KeyQueue(5, 2)
+    first = torch.arange(6.0).reshape(3, 2)
+    queue.enqueue(first)
+    assert torch.equal(queue.keys[:3], first) and int(queue.ptr) == 3
+    second = 10 + torch.arange(6.0).reshape(3, 2)
+    queue.enqueue(second)  # two rows at the end, the third wraps to the front, over the oldest
+    assert torch.equal(queue.keys[3:], second[:2]) and torch.equal(queue.keys[0], second[2])
+    assert torch.equal(queue.keys[1:3], first[1:]) and int(queue.ptr) == 1
+    queue.enqueue(torch.ones(7, 2) * torch.arange(7.0)[:, None])  # more than fits: the newest 5 stay
+    assert sorted(queue.keys[:, 0].tolist()) == [2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_moco_negatives_never_contain_the_current_keys(monkeypatch):
+    method = make("moco")
+    seen, original = [], methods_mod.moco_loss
+
+    def spy(q, k, queue, temperature):
+        seen.append((k.detach().clone(), queue.clone()))
+        return original(q, k, queue, temperature)
+
+    monkeypatch.setattr(methods_mod, "moco_loss", spy)
+    for step in range(3):  # 12 keys per step into a queue of 10: the queue wraps every step
+        method(views("moco", seed=step))
+        (k_b, negatives), (k_a, _) = seen[-2], seen[-1]
+        current = torch.cat([k_a, k_b])
+        distances = torch.cdist(current, negatives)
+        assert distances.min() > 1e-4, step  # no key of this batch is among its negatives
+        # ...and they are enqueued afterwards for the next batch (12 keys into 10 slots: all but the
+        # two oldest stay)
+        assert torch.cdist(current[2:], method.queue.keys).min(1).values.max() < 1e-6
+
+
+@pytest.mark.parametrize("name", ["moco", "byol"])
+def test_targets_take_no_gradient_and_follow_the_ema_exactly(name):
+    method = make(name, momentum=0.9, momentum_end=0.99)
+    targets = ([method.key_backbone, method.key_projector] if name == "moco"
+               else [method.target_backbone, method.target_projector])
+    online = [method.backbone, method.projector]
+    optimizer = build_optimizer(method, OptimConfig(lr=0.05), 100.0)
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in optimized for t in targets for p in t.parameters())  # out of the optimizer
+    for step in (1, 2, 3):
+        old = [p.detach().clone() for t in targets for p in t.parameters()]
+        method(views(name, seed=step))["loss"].backward()
+        assert all(p.grad is None and not p.requires_grad for t in targets for p in t.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+        method.after_step(step, 4)
+        m = 0.9 if name == "moco" else cosine_momentum(step, 4, 0.9, 0.99)
+        new_online = [p.detach() for o in online for p in o.parameters()]
+        for before, now, src in zip(old, (p for t in targets for p in t.parameters()), new_online):
+            assert torch.allclose(now, m * before + (1 - m) * src, atol=1e-7)
+    assert cosine_momentum(0, 10, 0.99, 1.0) == pytest.approx(0.99)
+    assert cosine_momentum(10, 10, 0.99, 1.0) == pytest.approx(1.0)
+    assert cosine_momentum(5, 10, 0.99, 1.0) == pytest.approx(0.995)
+
+
+def _train(method, steps: int) -> dict:
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 3, SIZE, SIZE, generator=g)
+    for step in range(1, steps + 1):
+        pair = [base + 0.3 * torch.randn(base.shape, generator=g) for _ in range(2)]
+        out = method(pair)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        method.after_step(step, steps)
+    with torch.no_grad():
+        method.eval()
+        return collapse_stats(method.projector(method.backbone(base)))
+
+
+def test_collapse_monitor_flags_byol_without_predictor_and_momentum():
+    threshold = MethodConfig().collapse_threshold
+    collapsing = _train(make("byol", predictor=False, momentum=0.0, momentum_end=0.0), 40)
+    healthy = _train(make("simclr", temperature=0.2), 40)
+    assert is_collapsed(collapsing, threshold), collapsing
+    assert not is_collapsed(healthy, threshold), healthy
+    assert healthy["effective_rank"] > 2 * collapsing["effective_rank"]
+
+
+def test_collapse_stats_extremes():
+    spread = collapse_stats(torch.randn(512, 16))
+    assert 0.9 < spread["embedding_std"] < 1.1 and spread["effective_rank"] > 12
+    point = collapse_stats(torch.ones(512, 16) + 1e-6 * torch.randn(512, 16))
+    assert point["embedding_std"] < 1e-3 and point["effective_rank"] < 1.1
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol", "swav"])
+def test_multiview_transform_round_trips(name):
+    transform = MultiView(recipes(name, 24))
+    image = Image.new("RGB", (40, 40), (120, 30, 200))
+    flat = torch.stack([transform(image), transform(image)])
+    parts = split_views(flat, transform.shapes)
+    assert [tuple(p.shape[1:]) for p in parts] == transform.shapes
+    assert len(parts) == (4 if name == "swav" else 2) and parts[-1].shape[-1] == (12 if name == "swav" else 24)
+    with pytest.raises(ValueError):
+        split_views(flat[:, :-1], transform.shapes)
+
+
+def test_knn_and_linear_probe():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 8, generator=g) * 5
+    labels, test_labels = torch.arange(400) % 4, torch.arange(100) % 4
+    train = centres[labels] + torch.randn(400, 8, generator=g)
+    test = centres[test_labels] + torch.randn(100, 8, generator=g)
+    assert knn_top1(train, labels, test, test_labels) > 0.95
+    assert linear_probe_top1(train, labels, test, test_labels, steps=100) > 0.95
+    shuffled = labels[torch.randperm(400, generator=g)]  # labels carry no information
+    assert knn_top1(train, shuffled, test, test_labels) < 0.5

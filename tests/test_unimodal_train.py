@@ -1,0 +1,83 @@
+"""`tandem train` with an image-only method, end to end through the CLI: metrics with the collapse
+monitor, kNN / linear evaluation, backbone export, and resume == uninterrupted (queue and momentum
+encoder included); a bad method name is a one-line error."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tandem
+
+
+def write_config(path: Path, synth: Path, run_dir: Path, **train) -> Path:
+    extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in train.items())
+    path.write_text(f"""
+[data]
+train_shards = "{synth}/train/shard-{{00000..00003}}.tar"
+val_shards = "{synth}/test/shard-00000.tar"
+classes = "{synth}/classes.json"
+batch_size = 8
+workers = 0
+
+[optim]
+warmup_steps = 1
+
+[train]
+run_dir = "{run_dir}"
+steps = 4
+checkpoint_every = 2
+{extra}
+
+[method]
+name = "moco"
+queue_size = 20
+proj_hidden = 32
+proj_dim = 16
+eval_train_samples = 64
+linear_steps = 20
+""")
+    return path
+
+
+def module_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+@pytest.mark.slow
+def test_moco_train_evaluate_export_and_resume(tmp_path, synth_data):
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    run = tandem("train", "--config", str(write_config(tmp_path / "full.toml", synth_data, full_dir)))
+    assert run.returncode == 0, run.stderr[-4000:]
+    records = [json.loads(line) for line in (full_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {"loss", "embedding_std", "effective_rank", "collapsed", "momentum"} <= set(records[0])
+    final = json.loads((full_dir / "eval.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == 4 and final["num_samples"] == 64 and 0 <= final["knn_top1"] <= 1
+    assert (full_dir / "export" / "backbone.safetensors").is_file()
+    assert "method" in (full_dir / "config.toml").read_text()
+
+    cfg = write_config(tmp_path / "split.toml", synth_data, split_dir, stop_at=2)
+    first = tandem("train", "--config", str(cfg))
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = tandem("train", "--config", str(cfg), "--set", "train.stop_at=0", "--resume", "latest")
+    assert second.returncode == 0, second.stderr[-4000:]
+    full, resumed = module_state(full_dir), module_state(split_dir)
+    assert {"queue.keys", "queue.ptr", "calls"} <= set(full) and any(k.startswith("key_backbone.") for k in full)
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.allclose(full[name].float(), resumed[name].float(), atol=1e-6), name
+    assert int(full["queue.ptr"]) == (4 * 2 * 8) % 20  # 4 steps of 2 views x 8 keys, wrapped
+
+
+def test_unknown_method_is_a_one_line_error(tmp_path, synth_data):
+    cfg = write_config(tmp_path / "bad.toml", synth_data, tmp_path / "run")
+    proc = tandem("train", "--config", str(cfg), "--set", "method.name=simclrr")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "tandem: error: method.name must be one of clip, simclr, moco, byol, simsiam, barlow_twins, swav, "
+        "supcon, got 'simclrr'"]
+    proc = tandem("train", "--config", str(cfg), "--set", "method.knn_kk=3")
+    assert proc.returncode == 2 and proc.stderr.startswith("tandem: error: unknown config key 'method.knn_kk'")

@@ -1,0 +1,195 @@
+"""SimCLR, MoCo v2, BYOL, SimSiam, Barlow Twins, SwAV and SupCon, each a composition of ``parts``.
+
+Shape legend: B = images on this rank, V = views, F = backbone features, D = embed dim.
+
+A method is an ``nn.Module`` holding the ``backbone`` (what evaluation and export keep) and its
+heads, target encoders and queues, so one DeepSpeed engine trains it and one checkpoint holds it.
+``forward(views, labels)`` returns ``{"loss": this rank's share, "embedding": [B, D] projections
+for the collapse monitor}``; ``after_step`` runs once per optimizer step (momentum updates).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training import distributed
+from training.config import MethodConfig
+from training.unimodal.losses import (barlow_twins_loss, byol_loss, moco_loss, nt_xent_loss, simsiam_loss,
+                                      sinkhorn, supcon_loss, swav_loss)
+from training.unimodal.parts import (KeyQueue, cosine_momentum, ema_update_, frozen_copy, mlp,
+                                     shuffled_forward)
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    def add(cls: type) -> type:
+        METHODS[name] = cls
+        cls.name = name
+        return cls
+
+    return add
+
+
+class Method(nn.Module):
+    """Backbone plus what the method adds."""
+
+    name = ""
+    default_temperature = 0.1
+    needs_labels = False
+
+    def __init__(self, backbone: nn.Module, dim: int, cfg: MethodConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        self.temperature = cfg.temperature or self.default_temperature
+        self.momentum = float("nan")  # the last EMA momentum, for the metrics (nan: no target)
+
+    def encode(self, views: list[torch.Tensor], *modules: nn.Module) -> torch.Tensor:
+        """Same-size views through ``modules`` as one batch: ``[V*B, ...]``, view-major."""
+        x = torch.cat(views)
+        for module in modules:
+            x = module(x)
+        return x
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after optimizer step ``step`` (1-based) of ``total_steps``."""
+
+
+@register("simclr")
+class SimCLR(Method):
+    default_temperature = 0.5
+
+    def __init__(self, backbone, dim, cfg):
+        super().__init__(backbone, dim, cfg)
+        self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim)
+
+    def forward(self, views, labels=None):
+        z_a, z_b = self.encode(views[:2], self.backbone, self.projector).chunk(2)
+        return {"loss": nt_xent_loss(z_a, z_b, self.temperature), "embedding": z_a}
+
+
+@register("supcon")
+class SupCon(SimCLR):
+    default_temperature = 0.1
+    needs_labels = True
+
+    def forward(self, views, labels=None):
+        if labels is None:
+            raise ValueError("supcon needs labels")
+        z = self.encode(views[:2], self.backbone, self.projector)
+        z = torch.stack(z.chunk(2), dim=1)  # [B, 2, D]
+        return {"loss": supcon_loss(z, labels, self.temperature), "embedding": z[:, 0]}
+
+
+@register("moco")
+class MoCo(Method):
+    """MoCo v2 with the symmetric loss: both views serve as query and as key."""
+
+    default_temperature = 0.2
+
+    def __init__(self, backbone, dim, cfg):
+        super().__init__(backbone, dim, cfg)
+        self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim)
+        self.key_backbone, self.key_projector = frozen_copy(backbone), frozen_copy(self.projector)
+        self.queue = KeyQueue(cfg.queue_size, cfg.proj_dim)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))  # seeds the key shuffle
+        self.momentum = cfg.momentum
+
+    def keys(self, views: list[torch.Tensor]) -> torch.Tensor:
+        key_encoder = lambda x: self.key_projector(self.key_backbone(x))  # noqa: E731
+        with torch.no_grad():
+            x = torch.cat(views)
+            k = shuffled_forward(key_encoder, x, int(self.calls)) if self.cfg.shuffle_bn else key_encoder(x)
+            return F.normalize(k.float(), dim=-1)
+
+    def forward(self, views, labels=None):
+        q_a, q_b = self.encode(views[:2], self.backbone, self.projector).chunk(2)
+        k_a, k_b = self.keys(views[:2]).chunk(2)
+        negatives = self.queue.keys.clone()  # this batch's keys are enqueued only after
+        loss = (moco_loss(q_a, k_b, negatives, self.temperature) + moco_loss(q_b, k_a, negatives, self.temperature)) / 2
+        self.queue.enqueue(distributed.all_gather(torch.cat([k_a, k_b])))
+        self.calls += 1
+        return {"loss": loss, "embedding": q_a}
+
+    def after_step(self, step, total_steps):
+        ema_update_(self.key_backbone, self.backbone, self.cfg.momentum)
+        ema_update_(self.key_projector, self.projector, self.cfg.momentum)
+
+
+@register("byol")
+class BYOL(Method):
+    def __init__(self, backbone, dim, cfg):
+        super().__init__(backbone, dim, cfg)
+        self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim)
+        self.predictor = mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim) if cfg.predictor else nn.Identity()
+        self.target_backbone, self.target_projector = frozen_copy(backbone), frozen_copy(self.projector)
+        self.momentum = cfg.momentum
+
+    def forward(self, views, labels=None):
+        z = self.encode(views[:2], self.backbone, self.projector)
+        p_a, p_b = self.predictor(z).chunk(2)
+        with torch.no_grad():
+            t_a, t_b = self.encode(views[:2], self.target_backbone, self.target_projector).chunk(2)
+        return {"loss": byol_loss(p_a, t_b) + byol_loss(p_b, t_a), "embedding": z.chunk(2)[0]}
+
+    def after_step(self, step, total_steps):
+        self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)
+        ema_update_(self.target_backbone, self.backbone, self.momentum)
+        ema_update_(self.target_projector, self.projector, self.momentum)
+
+
+@register("simsiam")
+class SimSiam(Method):
+    def __init__(self, backbone, dim, cfg):
+        super().__init__(backbone, dim, cfg)
+        self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim, last_bn=True)
+        bottleneck = max(cfg.proj_dim // 4, 1)  # the paper's 2048 -> 512 -> 2048 predictor
+        self.predictor = mlp(cfg.proj_dim, bottleneck, cfg.proj_dim) if cfg.predictor else nn.Identity()
+
+    def forward(self, views, labels=None):
+        z = self.encode(views[:2], self.backbone, self.projector)
+        z_a, z_b = z.chunk(2)
+        p_a, p_b = self.predictor(z).chunk(2)
+        return {"loss": (simsiam_loss(p_a, z_b) + simsiam_loss(p_b, z_a)) / 2, "embedding": z_a}
+
+
+@register("barlow_twins")
+class BarlowTwins(Method):
+    def __init__(self, backbone, dim, cfg):
+        super().__init__(backbone, dim, cfg)
+        self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim, layers=3)
+
+    def forward(self, views, labels=None):
+        z_a, z_b = self.encode(views[:2], self.backbone, self.projector).chunk(2)
+        return {"loss": barlow_twins_loss(z_a, z_b, self.cfg.barlow_lambda), "embedding": z_a}
+
+
+@register("swav")
+class SwAV(Method):
+    """Two global crops coded by Sinkhorn-Knopp, predicted from every other crop (multi-crop)."""
+
+    def __init__(self, backbone, dim, cfg):
+        super().__init__(backbone, dim, cfg)
+        self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim)
+        self.prototypes = nn.Linear(cfg.proj_dim, cfg.prototypes, bias=False)
+
+    def forward(self, views, labels=None):
+        with torch.no_grad():  # prototypes stay on the unit sphere
+            self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=-1))
+        z_global = F.normalize(self.encode(views[:2], self.backbone, self.projector), dim=-1)
+        groups = [z_global] + ([F.normalize(self.encode(views[2:], self.backbone, self.projector), dim=-1)]
+                               if len(views) > 2 else [])
+        scores = [s for z in groups for s in self.prototypes(z).chunk(len(z) // views[0].shape[0])]
+        codes = [sinkhorn(s, self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iters) for s in scores[:2]]
+        return {"loss": swav_loss(scores, codes, self.temperature), "embedding": z_global.chunk(2)[0]}
+
+
+def build_method(name: str, backbone: nn.Module, dim: int, cfg: MethodConfig) -> Method:
+    if name not in METHODS:
+        raise KeyError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name](backbone, dim, cfg)

@@ -1,0 +1,152 @@
+"""The CLIP trainer, retargeted at an image-only method: same engine, data, checkpoints, metrics.
+
+Only what differs is overridden: the model (a ``Method``), the transform (multi-view), the step
+(momentum updates after the optimizer step), the recorded metrics (collapse monitor) and the
+evaluation (kNN and linear probe instead of zero-shot) and export (the backbone alone).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from training import distributed
+from training.config import Config
+from training.metrics import MetricsLogger
+from training.optim import build_optimizer, cosine_schedule
+from training.trainer import Trainer
+from training.unimodal.evaluate import collapse_stats, evaluate_backbone, is_collapsed
+from training.unimodal.methods import Method, build_method
+from training.unimodal.parts import create_backbone, split_views
+from training.unimodal.transforms import MultiView, eval_transform, recipes
+
+log = logging.getLogger(__name__)
+
+
+def build(cfg: Config, model_cfg: dict[str, Any]) -> Method:
+    """The configured method around the model config's image tower (seeded: same on every rank)."""
+    torch.manual_seed(cfg.train.seed)
+    backbone, dim = create_backbone(model_cfg)
+    return build_method(cfg.method.name, backbone, dim, cfg.method)
+
+
+def crop_size(cfg: Config, model_cfg: dict[str, Any]) -> int:
+    size = cfg.method.image_size or model_cfg["vision_cfg"]["image_size"]
+    return size[0] if isinstance(size, (list, tuple)) else int(size)
+
+
+def label_tensor(metas: list[dict], key: str) -> torch.Tensor:
+    """Integer labels from the samples' metadata; a stable hash, so every rank agrees (-1: none)."""
+    return torch.tensor([zlib.crc32(str(m[key]).encode()) if key in m else -1 for m in metas], dtype=torch.long)
+
+
+class UnimodalTrainer(Trainer):
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        m = cfg.method
+        self.crop = crop_size(cfg, self.model_cfg)
+        self.train_transform = MultiView(recipes(m.name, self.crop, m.crop_min_scale, m.small_crops))
+        self.eval_transform = eval_transform(self.crop)
+        self.view_shapes = self.train_transform.shapes
+        self.image_size = None  # decode at full size; crops are taken from the original
+        self.last_embedding: torch.Tensor | None = None
+        self.collapse_warned = False
+
+    def build(self) -> None:
+        cfg = self.cfg
+        self._write_run_files()
+        method = build(cfg, self.model_cfg)
+        optimizer = build_optimizer(method, cfg.optim, cfg.loss.max_logit_scale)  # targets: requires_grad=False
+        scheduler = cosine_schedule(optimizer, cfg.optim, cfg.train.steps)
+        self.engine = distributed.build_engine(
+            method, optimizer, scheduler, micro_batch=cfg.data.batch_size, zero_stage=cfg.train.zero_stage,
+            bf16=self.bf16, grad_clip=cfg.optim.grad_clip, accum_steps=cfg.train.accum_steps,
+        )
+        self.norm_stats = distributed.norm_statistics(self.engine.module)
+
+    def train_step(self, batches: list[dict[str, Any]]) -> torch.Tensor:
+        """One optimizer step: the engine accumulates ``accum_steps`` micro-batches (plain
+        accumulation: each micro-batch's negatives are its own global batch)."""
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        losses = []
+        for batch in batches:
+            views = split_views(batch["image"].to(self.device, dtype), self.view_shapes)
+            labels = label_tensor(batch["meta"], self.cfg.method.label_key).to(self.device)
+            out = self.engine(views, labels if self.engine.module.needs_labels else None)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            losses.append(out["loss"].detach().float())
+        self.engine.module.after_step(self.step + 1, self.cfg.train.steps)
+        distributed.average_(self.norm_stats)
+        self.last_embedding = out["embedding"].detach()
+        return torch.stack(losses).mean()
+
+    def _record(self, metrics: MetricsLogger, loss: torch.Tensor, waited: float, elapsed: float) -> None:
+        world = distributed.world_size()
+        stats = collapse_stats(distributed.all_gather(self.last_embedding))
+        loss_sum, wait_sum, skipped_sum = distributed.all_reduce_sum([float(loss), waited, self.unreported_skips])
+        self.unreported_skips = 0
+        self.skipped += int(skipped_sum)
+        collapsed = is_collapsed(stats, self.cfg.method.collapse_threshold)
+        if collapsed and not self.collapse_warned and distributed.is_main():
+            log.warning("collapse: embedding std %.3f (threshold %.3f), effective rank %.2f at step %d",
+                        stats["embedding_std"], self.cfg.method.collapse_threshold, stats["effective_rank"], self.step)
+        self.collapse_warned |= collapsed
+        momentum = self.engine.module.momentum
+        metrics.log(self.step, {
+            "loss": loss_sum / world,
+            "temperature": self.engine.module.temperature,
+            "lr": self.engine.get_lr()[0],
+            "samples_per_s": self.cfg.data.batch_size * world * self.cfg.train.accum_steps / max(elapsed, 1e-9),
+            "data_wait_s": wait_sum / world,
+            "skipped_samples": self.skipped,
+            **stats,
+            "collapsed": int(collapsed),
+            **({"momentum": momentum} if momentum == momentum else {}),  # nan: the method has no target
+        }, skipped=int(skipped_sum))
+
+    def evaluate(self) -> dict[str, float]:
+        data, m = self.cfg.data, self.cfg.method
+        if not data.val_shards:
+            return {}
+        result = evaluate_backbone(
+            self.engine.module.backbone, train_shards=data.train_shards,
+            test_shards=data.val_shards, transform=self.eval_transform, label_key=m.label_key,
+            train_samples=m.eval_train_samples, knn_k=m.knn_k, knn_temperature=m.knn_temperature,
+            linear_steps=m.linear_steps, device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32,
+        )
+        if distributed.is_main():
+            with (self.run_dir / "eval.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.step, **result}) + "\n")
+            log.info("eval at step %d: kNN top-1 %.3f, linear top-1 %.3f", self.step, result["knn_top1"],
+                     result["linear_top1"])
+        return result
+
+    def export(self) -> Path:
+        """``export/backbone.safetensors`` (fp32) and the model config it was built from."""
+        out = self.run_dir / "export"
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().float().contiguous().cpu() for k, v in self.engine.module.backbone.state_dict().items()}
+            save_file(state, str(out / "backbone.safetensors"))
+            (out / "backbone.json").write_text(json.dumps({"method": self.cfg.method.name, "model_cfg": self.model_cfg,
+                                                           "image_size": self.crop}, indent=2))
+            log.info("exported the %s backbone to %s", self.cfg.method.name, out)
+        distributed.barrier()
+        return out
+
+
+def load_backbone(export_dir: Path) -> tuple[torch.nn.Module, int]:
+    """The exported backbone (and its crop size), ready for ``evaluate_backbone``."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((Path(export_dir) / "backbone.json").read_text())
+    backbone, _ = create_backbone(meta["model_cfg"])
+    backbone.load_state_dict(load_file(str(Path(export_dir) / "backbone.safetensors")))
+    return backbone, meta["image_size"]
