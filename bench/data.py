@@ -1,6 +1,6 @@
 """Samples/s of Tandem's shard loader against open_clip's WebDataset loader, same shards, same run.
 
-    uv run python bench/data.py [--samples 2048] [--workers 2] [--batch-size 64] [--rounds 2]
+    uv run python bench/data.py [--samples 2048] [--workers 2] [--batch-size 64] [--rounds 3]
 
 Shards: ``--samples`` 512x512 JPEGs (quality 90, 4:2:0, like most web images) of coloured 1/f
 ("pink") noise, whose spectrum falls off like a natural photo's, so the files are of realistic
@@ -18,8 +18,11 @@ open_clip's tokenizer, the same batch size and the same number of worker process
 
 Each loader's time runs from the first batch after ``--workers`` warm-up batches (worker start and
 shuffle-buffer fill are one-off costs) to the last; rounds alternate the two loaders so load from
-other processes falls on both alike, and each reports its best round. ``raw_decode_per_s`` is a
-full PIL decode of the same JPEGs on one core, the physical reference. The last line is JSON.
+other processes falls on both alike; each loader reports its best round, and the JSON also lists
+the ratio of each round. On a shared machine wall-clock rates move with the neighbours' load, so the bench
+also reports the CPU time (user + system, main and worker processes) per sample, which does not: the
+work each loader does. ``raw_decode_per_s`` is a full PIL decode of the same JPEGs on one core, the
+physical reference. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -96,18 +99,44 @@ def raw_decode_rate(folder: Path, count: int = 256) -> float:
     return len(blobs) / (time.perf_counter() - start)
 
 
-def timed(batches, warmup: int, count) -> tuple[float, int]:
-    """(samples/s after ``warmup`` batches, samples timed) over the batches ``batches`` yields."""
-    samples, start = 0, None
-    for index, batch in enumerate(batches):
+def _cpu_seconds(workers: list) -> float:
+    """CPU time (user + system) so far of this process and the loader's worker processes."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = sum(os.times()[:2])
+    for worker in workers:
+        fields = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def timed(iterator, batches: int | None, warmup: int, count, workers) -> tuple[float, float, int]:
+    """(samples/s, CPU ms per sample, samples timed) after ``warmup`` batches of a DataLoader iterator.
+
+    CPU time counts every process of the loader, so it measures the work per sample even when other
+    processes on the machine take turns on the cores; wall-clock samples/s is what training sees.
+    """
+    samples, start, cpu = 0, 0.0, 0.0
+    for index in count_up(batches):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
         if index == warmup:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_seconds(workers())
         if index >= warmup:
             samples += count(batch)
-    return samples / (time.perf_counter() - start), samples
+    wall, cpu = time.perf_counter() - start, _cpu_seconds(workers()) - cpu
+    return samples / wall, 1000 * cpu / samples, samples
 
 
-def run_open_clip(shards: list[str], args, transform, tok) -> tuple[float, int]:
+def count_up(limit: int | None):
+    index = 0
+    while limit is None or index < limit:
+        yield index
+        index += 1
+
+
+def run_open_clip(shards: list[str], args, transform, tok) -> tuple[float, float, int]:
     import functools
 
     import open_clip_train.data as oc_data
@@ -125,20 +154,21 @@ def run_open_clip(shards: list[str], args, transform, tok) -> tuple[float, int]:
                          train_data_upsampling_factors=None, seed=0, batch_size=args.batch_size,
                          workers=args.workers, world_size=1, distributed=False)
     data = get_wds_dataset(ns, transform, is_train=True, epoch=0, tokenizer=tok)
-    result = timed(iter(data.dataloader), args.workers, lambda b: b[0].shape[0])
+    loader = data.dataloader.pipeline[0]  # WebLoader wraps a DataLoader, whose workers persist
+    result = timed(iter(data.dataloader), None, args.workers, lambda b: b[0].shape[0],
+                   lambda: loader._iterator._workers)
     del data
     return result
 
 
-def run_tandem(shards: list[str], args, transform, tok) -> tuple[float, int]:
+def run_tandem(shards: list[str], args, transform, tok) -> tuple[float, float, int]:
     from data.pipeline import StreamSpec, make_loader
 
     spec = StreamSpec(urls=shards, batch_size=args.batch_size, workers=args.workers, train=True)
     loader = make_loader(spec, transform, tok, CROP)
     batches = args.samples // args.batch_size  # one epoch, as open_clip's loader gives
     iterator = iter(loader)
-    result = timed((next(iterator) for _ in range(batches)), args.workers, lambda b: b["image"].shape[0])
-    del iterator
+    result = timed(iterator, batches, args.workers, lambda b: b["image"].shape[0], lambda: iterator._workers)
     return result
 
 
@@ -148,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-shard", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
     import open_clip
@@ -164,16 +194,24 @@ def main(argv: list[str] | None = None) -> dict:
         raw = raw_decode_rate(Path(tmp))
         print(f"raw PIL decode, one core: {raw:.1f} images/s", flush=True)
         rates: dict[str, list[float]] = {"tandem": [], "open_clip": []}
+        cpu_ms: dict[str, list[float]] = {"tandem": [], "open_clip": []}
         for round_ in range(args.rounds):
             for name, run in (("open_clip", run_open_clip), ("tandem", run_tandem)):
-                rate, counted = run(shards, args, transform, tok)
+                rate, cpu, counted = run(shards, args, transform, tok)
                 rates[name].append(rate)
-                print(f"round {round_ + 1}: {name:9s} {rate:7.1f} samples/s ({counted} samples timed)", flush=True)
+                cpu_ms[name].append(cpu)
+                print(f"round {round_ + 1}: {name:9s} {rate:7.1f} samples/s, {cpu:5.2f} CPU ms/sample "
+                      f"({counted} samples timed, load {os.getloadavg()[0]:.1f})", flush=True)
     tandem, peer = max(rates["tandem"]), max(rates["open_clip"])
+    tandem_cpu, peer_cpu = min(cpu_ms["tandem"]), min(cpu_ms["open_clip"])
     result = {
         "samples_per_s": round(tandem, 1),
         "open_clip_samples_per_s": round(peer, 1),
         "ratio_vs_open_clip": round(tandem / peer, 2),
+        "ratio_per_round": [round(t / o, 2) for t, o in zip(rates["tandem"], rates["open_clip"])],
+        "cpu_ms_per_sample": round(tandem_cpu, 2),
+        "open_clip_cpu_ms_per_sample": round(peer_cpu, 2),
+        "cpu_ratio_vs_open_clip": round(peer_cpu / tandem_cpu, 2),
         "raw_decode_per_s": round(raw, 1),
         "tandem_per_raw_decode_core": round(tandem / raw, 2),
         "samples": args.samples, "workers": args.workers, "batch_size": args.batch_size,
