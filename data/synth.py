@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
 import re
 import tarfile
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from data.files import atomic_write
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 
@@ -210,17 +211,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes via a temp file so readers never see a partial file under ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _shard_bytes(rng: random.Random, labels: list[str], first_key: int, image_size: int) -> bytes:
     """Renders ``labels`` into one in-memory tar; keys count up from ``first_key``."""
     buf = io.BytesIO()
@@ -257,13 +247,13 @@ def _write_split(split_dir: Path, n: int, rng: random.Random, per_shard: int,
     for index, start in enumerate(range(0, n, per_shard)):
         name = f"shard-{index:05d}.tar"
         chunk = labels[start:start + per_shard]
-        _atomic_write(split_dir / name, _shard_bytes(rng, chunk, start, image_size))
+        atomic_write(split_dir / name, _shard_bytes(rng, chunk, start, image_size))
         sizes[name] = len(chunk)
     # A previous, larger run would otherwise leave extra shards that globs pick up.
     for old in split_dir.glob("shard-*.tar*"):
         if old.name not in sizes:
             old.unlink()
-    _atomic_write(split_dir / "sizes.json", json.dumps(sizes, indent=2).encode("utf-8"))
+    atomic_write(split_dir / "sizes.json", json.dumps(sizes, indent=2).encode("utf-8"))
     return {"samples": n, "shards": [str(split_dir / name) for name in sizes]}
 
 
@@ -301,5 +291,5 @@ def write_dataset(out: str | Path, train_samples: int = 20000, test_samples: int
         rng = random.Random(f"{seed}-{split}")
         summary[split] = _write_split(out / split, n, rng, samples_per_shard, image_size)
     classes = {"classes": class_names(), "templates": list(TEMPLATES)}
-    _atomic_write(out / "classes.json", json.dumps(classes, indent=2).encode("utf-8"))
+    atomic_write(out / "classes.json", json.dumps(classes, indent=2).encode("utf-8"))
     return summary

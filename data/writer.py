@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import tarfile
 from collections import Counter
@@ -32,6 +31,7 @@ from typing import Callable
 from PIL import Image, ImageOps
 
 from data import s3
+from data.files import atomic_write
 from training.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -265,14 +265,7 @@ class Output:
         if self.remote:
             s3.client(self.settings).put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
             return
-        path = Path(self.target) / name
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(Path(self.target) / name, data)
 
 
 # ---- the whole job --------------------------------------------------------------------------------
