@@ -8,7 +8,6 @@ import threading
 import time
 import urllib.request
 from dataclasses import replace
-from pathlib import Path
 
 import boto3
 import pytest
