@@ -79,5 +79,15 @@ def test_unknown_method_is_a_one_line_error(tmp_path, synth_data):
     assert proc.stderr.strip().splitlines() == [
         "tandem: error: method.name must be one of clip, simclr, moco, byol, simsiam, barlow_twins, swav, "
         "supcon, got 'simclrr'"]
-    proc = tandem("train", "--config", str(cfg), "--set", "method.knn_kk=3")
-    assert proc.returncode == 2 and proc.stderr.startswith("tandem: error: unknown config key 'method.knn_kk'")
+
+
+def test_method_config_keys_are_checked():
+    from training import config as config_mod
+    from training.errors import UserError
+
+    cfg = config_mod.load(None, ["method.name=byol", "method.momentum=0.996"])
+    assert cfg.method.name == "byol" and cfg.method.momentum == 0.996
+    with pytest.raises(UserError, match="unknown config key 'method.knn_kk'"):
+        config_mod.load(None, ["method.knn_kk=3"])
+    with pytest.raises(UserError, match="zero_stage"):
+        config_mod.load(None, ["method.name=simclr", "train.zero_stage=3", "data.train_shards=x"]).validate()
