@@ -23,6 +23,10 @@ GAUGES = {
     "samples_per_s": "Global training throughput over the last step.",
     "data_wait_s": "Seconds the last step waited for its batch, averaged over ranks.",
     "step": "Optimizer steps completed.",
+    # image-only methods (training/unimodal): the collapse monitor
+    "embedding_std": "Per-dimension std of the L2-normalised embeddings x sqrt(dim): ~1 spread, 0 collapsed.",
+    "effective_rank": "Effective rank (RankMe) of the normalised embeddings of the last step.",
+    "collapsed": "1 when embedding_std is below method.collapse_threshold.",
 }
 
 
