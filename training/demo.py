@@ -33,12 +33,16 @@ def ensure_dataset(data_dir: Path, train_samples: int, test_samples: int) -> Non
     print(f"generated {train_samples} train + {test_samples} test samples in {data_dir} ({time.time() - start:.0f}s)")
 
 
-def run_demo(out: Path, *, nproc: int, train_samples: int, test_samples: int, overrides: list[str]) -> int:
-    from training.evaluate import evaluate_export
+def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: int, test_samples: int,
+                       overrides: list[str]):
+    """Generate (or reuse) the synthetic shards under ``OUT/data``, then run ``tandem train`` with
+    ``config`` (plus ``overrides``) on ``nproc`` local processes into ``OUT/run``.
+
+    Returns (resolved config, run dir, exit status, training seconds).
+    """
     from training.launch import run_local
     from training.trainer import check_inputs
 
-    out = Path(out).resolve()
     data_dir, run_dir = out / "data", out / "run"
     ensure_dataset(data_dir, train_samples, test_samples)
     paths = [
@@ -47,7 +51,7 @@ def run_demo(out: Path, *, nproc: int, train_samples: int, test_samples: int, ov
         f'data.classes="{data_dir}/classes.json"',
         f'train.run_dir="{run_dir}"',
     ]
-    cfg = config_mod.load(DEMO_CONFIG, paths + list(overrides))
+    cfg = config_mod.load(config, paths + list(overrides))
     check_inputs(cfg)
     config_file = out / "demo.toml"
     config_file.write_text(config_mod.to_toml(cfg))
@@ -56,8 +60,17 @@ def run_demo(out: Path, *, nproc: int, train_samples: int, test_samples: int, ov
     status = run_local(nproc, ["train", "--config", str(config_file)])
     if status != 0:
         print(f"tandem: error: training failed (exit status {status})")
+    return cfg, run_dir, status, time.time() - start
+
+
+def run_demo(out: Path, *, nproc: int, train_samples: int, test_samples: int, overrides: list[str]) -> int:
+    from training.evaluate import evaluate_export
+
+    out = Path(out).resolve()
+    cfg, run_dir, status, trained = train_on_synthetic(
+        out, DEMO_CONFIG, nproc=nproc, train_samples=train_samples, test_samples=test_samples, overrides=overrides)
+    if status != 0:
         return status
-    trained = time.time() - start
     result = evaluate_export(str(run_dir / "export"), cfg.data.val_shards, cfg.data.classes)
     (out / "eval.json").write_text(json.dumps({k: result[k] for k in EVAL_KEYS} | {"num_samples": result["num_samples"]}, indent=2))
     _report(out, run_dir, result, trained)

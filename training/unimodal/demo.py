@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from training import config as config_mod
-from training.demo import _last_shard, ensure_dataset
+from training.demo import train_on_synthetic
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_METHODS = ("simclr", "moco", "byol", "simsiam", "barlow_twins", "swav", "supcon")
@@ -25,34 +23,18 @@ def method_config(method: str) -> Path:
 
 def run_method_demo(out: Path, method: str, *, nproc: int, train_samples: int, test_samples: int,
                     overrides: list[str]) -> int:
-    from training.launch import run_local
     from training.model import resolve_model_config
-    from training.trainer import check_inputs
     from training.unimodal.evaluate import evaluate_backbone
     from training.unimodal.trainer import build, crop_size, load_backbone
     from training.unimodal.transforms import eval_transform
 
     start = time.time()
     out = Path(out).resolve()
-    data_dir, run_dir = out / "data", out / "run"
-    ensure_dataset(data_dir, train_samples, test_samples)
-    paths = [
-        f'data.train_shards="{data_dir}/train/shard-{{00000..{_last_shard(data_dir / "train")}}}.tar"',
-        f'data.val_shards="{data_dir}/test/shard-{{00000..{_last_shard(data_dir / "test")}}}.tar"',
-        f'data.classes="{data_dir}/classes.json"',
-        f'train.run_dir="{run_dir}"',
-    ]
-    cfg = config_mod.load(method_config(method), paths + list(overrides))
-    check_inputs(cfg)
-    config_file = out / "demo.toml"
-    config_file.write_text(config_mod.to_toml(cfg))
-    shutil.rmtree(run_dir, ignore_errors=True)
-    train_start = time.time()
-    status = run_local(nproc, ["train", "--config", str(config_file)])
+    cfg, run_dir, status, trained_s = train_on_synthetic(
+        out, method_config(method), nproc=nproc, train_samples=train_samples, test_samples=test_samples,
+        overrides=overrides)
     if status != 0:
-        print(f"tandem: error: training failed (exit status {status})")
         return status
-    trained_s = time.time() - train_start
 
     # Both backbones through one protocol, in this process: the trained export, and the same
     # architecture with the same seeded initial weights the run started from.
