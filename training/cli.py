@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from training.config import METHOD_NAMES
 from training.errors import UserError
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override the demo config (training/configs/demo.toml, or <method>.toml)")
     demo.add_argument("--method", default="clip",
-                      choices=("clip", "simclr", "moco", "byol", "simsiam", "barlow_twins", "swav", "supcon"),
+                      choices=METHOD_NAMES,
                       help="clip (default) or an image-only baseline, evaluated by kNN and linear probe")
 
     train = sub.add_parser("train", help="train a CLIP model from a TOML config")

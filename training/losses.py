@@ -54,11 +54,7 @@ def clip_loss(
     Returns:
         0-dim tensor: this rank's share of the loss.
     """
-    if image_features.shape != text_features.shape:
-        raise ValueError(
-            f"image_features {tuple(image_features.shape)} and text_features "
-            f"{tuple(text_features.shape)} must have the same shape"
-        )
+    _check_pairs(image_features, text_features)
     if impl == "tiled":
         return _TiledInfoNCE.apply(image_features, text_features, logit_scale, tile_size)
     if impl != "gather":
@@ -100,12 +96,16 @@ def siglip_loss(
     Returns:
         0-dim tensor: this rank's share of the loss.
     """
+    _check_pairs(image_features, text_features)
+    return _TiledSigLIP.apply(image_features, text_features, logit_scale, logit_bias, tile_size)
+
+
+def _check_pairs(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
     if image_features.shape != text_features.shape:
         raise ValueError(
             f"image_features {tuple(image_features.shape)} and text_features "
             f"{tuple(text_features.shape)} must have the same shape"
         )
-    return _TiledSigLIP.apply(image_features, text_features, logit_scale, logit_bias, tile_size)
 
 
 def _tiles(n: int, size: int) -> list[slice]:

@@ -153,13 +153,18 @@ class Trainer:
             write_run_model_config(self.run_dir, self.model_cfg, self.preprocess_cfg)
         distributed.barrier()
 
+    def _make_model(self) -> torch.nn.Module:
+        """The module the engine trains (subclasses train another one)."""
+        model = create_model(self.model_cfg)
+        init_logit_scale(model, self.cfg.loss.temperature())
+        distributed.lift_scalar_parameters(model)
+        return model
+
     def build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self._write_run_files()
-        model = create_model(self.model_cfg)
-        init_logit_scale(model, cfg.loss.temperature())
-        distributed.lift_scalar_parameters(model)
+        model = self._make_model()
         optimizer = build_optimizer(model, cfg.optim, cfg.loss.max_logit_scale)
         scheduler = cosine_schedule(optimizer, cfg.optim, cfg.train.steps)
         zero_stage = cfg.train.zero_stage
@@ -261,15 +266,18 @@ class Trainer:
         loss_sum, wait_sum, skipped_sum = distributed.all_reduce_sum([float(loss), waited, self.unreported_skips])
         self.unreported_skips = 0
         self.skipped += int(skipped_sum)
-        scale = float(self.engine.module.logit_scale.detach().float().exp().reshape(-1)[0])
         metrics.log(self.step, {
             "loss": loss_sum / world,
-            "temperature": scale,
             "lr": self.engine.get_lr()[0],
             "samples_per_s": self.cfg.data.batch_size * world * self.cfg.train.accum_steps / max(elapsed, 1e-9),
             "data_wait_s": wait_sum / world,
             "skipped_samples": self.skipped,
+            **self._model_metrics(),
         }, skipped=int(skipped_sum))
+
+    def _model_metrics(self) -> dict[str, float]:
+        """The recorded figures that depend on the model (subclasses add their own)."""
+        return {"temperature": float(self.engine.module.logit_scale.detach().float().exp().reshape(-1)[0])}
 
     def save(self) -> None:
         tag = f"step{self.step:08d}"

@@ -13,7 +13,6 @@ import torch
 from training.demo import train_on_synthetic
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEMO_METHODS = ("simclr", "moco", "byol", "simsiam", "barlow_twins", "swav", "supcon")
 
 
 def method_config(method: str) -> Path:

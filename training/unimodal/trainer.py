@@ -18,8 +18,6 @@ from safetensors.torch import save_file
 
 from training import distributed
 from training.config import Config
-from training.metrics import MetricsLogger
-from training.optim import build_optimizer, cosine_schedule
 from training.trainer import Trainer
 from training.unimodal.evaluate import collapse_stats, evaluate_backbone, is_collapsed
 from training.unimodal.methods import Method, build_method
@@ -58,17 +56,8 @@ class UnimodalTrainer(Trainer):
         self.last_embedding: torch.Tensor | None = None
         self.collapse_warned = False
 
-    def build(self) -> None:
-        cfg = self.cfg
-        self._write_run_files()
-        method = build(cfg, self.model_cfg)
-        optimizer = build_optimizer(method, cfg.optim, cfg.loss.max_logit_scale)  # targets: requires_grad=False
-        scheduler = cosine_schedule(optimizer, cfg.optim, cfg.train.steps)
-        self.engine = distributed.build_engine(
-            method, optimizer, scheduler, micro_batch=cfg.data.batch_size, zero_stage=cfg.train.zero_stage,
-            bf16=self.bf16, grad_clip=cfg.optim.grad_clip, accum_steps=cfg.train.accum_steps,
-        )
-        self.norm_stats = distributed.norm_statistics(self.engine.module)
+    def _make_model(self) -> Method:
+        return build(self.cfg, self.model_cfg)
 
     def train_step(self, batches: list[dict[str, Any]]) -> torch.Tensor:
         """One optimizer step: the engine accumulates ``accum_steps`` micro-batches (plain
@@ -87,29 +76,21 @@ class UnimodalTrainer(Trainer):
         self.last_embedding = out["embedding"].detach()
         return torch.stack(losses).mean()
 
-    def _record(self, metrics: MetricsLogger, loss: torch.Tensor, waited: float, elapsed: float) -> None:
-        world = distributed.world_size()
+    def _model_metrics(self) -> dict[str, float]:
+        """Temperature, the collapse monitor and (for methods with a target network) the momentum."""
         stats = collapse_stats(distributed.all_gather(self.last_embedding))
-        loss_sum, wait_sum, skipped_sum = distributed.all_reduce_sum([float(loss), waited, self.unreported_skips])
-        self.unreported_skips = 0
-        self.skipped += int(skipped_sum)
         collapsed = is_collapsed(stats, self.cfg.method.collapse_threshold)
         if collapsed and not self.collapse_warned and distributed.is_main():
             log.warning("collapse: embedding std %.3f (threshold %.3f), effective rank %.2f at step %d",
                         stats["embedding_std"], self.cfg.method.collapse_threshold, stats["effective_rank"], self.step)
         self.collapse_warned |= collapsed
         momentum = self.engine.module.momentum
-        metrics.log(self.step, {
-            "loss": loss_sum / world,
+        return {
             "temperature": self.engine.module.temperature,
-            "lr": self.engine.get_lr()[0],
-            "samples_per_s": self.cfg.data.batch_size * world * self.cfg.train.accum_steps / max(elapsed, 1e-9),
-            "data_wait_s": wait_sum / world,
-            "skipped_samples": self.skipped,
             **stats,
             "collapsed": int(collapsed),
             **({"momentum": momentum} if momentum == momentum else {}),  # nan: the method has no target
-        }, skipped=int(skipped_sum))
+        }
 
     def evaluate(self) -> dict[str, float]:
         data, m = self.cfg.data, self.cfg.method
