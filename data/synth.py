@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.files import atomic_write
+from data.files import add_tar_member, atomic_write
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 
@@ -202,15 +202,6 @@ def render_sample(rng: random.Random, image_size: int = 64, *,
     return image, caption, meta
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Adds ``data`` with fixed metadata so identical content gives identical bytes."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _shard_bytes(rng: random.Random, labels: list[str], first_key: int, image_size: int) -> bytes:
     """Renders ``labels`` into one in-memory tar; keys count up from ``first_key``."""
     buf = io.BytesIO()
@@ -222,9 +213,9 @@ def _shard_bytes(rng: random.Random, labels: list[str], first_key: int, image_si
             # 4:4:4 chroma keeps the colour (half the label) crisp at tiny sizes.
             image.save(jpg, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
             meta = {"key": key, "status": "success", **meta}
-            _add_member(tar, f"{key}.jpg", jpg.getvalue())
-            _add_member(tar, f"{key}.txt", caption.encode("utf-8"))
-            _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+            add_tar_member(tar, f"{key}.jpg", jpg.getvalue())
+            add_tar_member(tar, f"{key}.txt", caption.encode("utf-8"))
+            add_tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
     return buf.getvalue()
 
 

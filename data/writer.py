@@ -31,7 +31,7 @@ from typing import Callable
 from PIL import Image, ImageOps
 
 from data import s3
-from data.files import atomic_write
+from data.files import add_tar_member, atomic_write
 from training.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -157,13 +157,6 @@ def encode_image(data: bytes, options: WriteOptions) -> tuple[bytes, dict]:
                             "original_width": original[0], "original_height": original[1]}
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Fixed metadata, so the same samples always give the same bytes."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def shard_bytes(rows: list[Row], shard: int, key_digits: tuple[int, int], options: WriteOptions,
                 progress: Callable[[int], None] | None = None) -> tuple[bytes, dict]:
     """One shard's tar and its stats; keys are ``{shard}{index in shard}`` as img2dataset writes them."""
@@ -185,9 +178,9 @@ def shard_bytes(rows: list[Row], shard: int, key_digits: tuple[int, int], option
                 reasons[str(error)] += 1
             else:
                 meta = {**dict(row.extra), "key": key, "caption": row.caption, "status": "success", **sizes}
-                _add(tar, f"{key}.jpg", jpeg)
-                _add(tar, f"{key}.txt", row.caption.encode("utf-8"))
-                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode("utf-8"))
+                add_tar_member(tar, f"{key}.jpg", jpeg)
+                add_tar_member(tar, f"{key}.txt", row.caption.encode("utf-8"))
+                add_tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode("utf-8"))
             if progress:
                 progress(1)
     skipped = sum(reasons.values())
