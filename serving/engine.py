@@ -8,7 +8,6 @@ Models load with safetensors only (never pickle): an export directory through op
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from training.errors import UserError
+from training.model import read_model_config, register_configs
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
-# Tandem's own model configs (tandem-tiny ...), found without importing training.model.
-TANDEM_CONFIGS = Path(__file__).resolve().parents[1] / "training" / "model_configs"
 
 
 @dataclass
@@ -101,17 +99,12 @@ def check_model(model: str, weights: str | None) -> tuple[str, str | None]:
     if not weights.endswith(".safetensors") or not Path(weights).is_file():
         raise UserError(f"--weights must be an existing .safetensors file (no pickle), got {weights}")
     if model.endswith(".json"):
-        if not path.is_file():
-            raise UserError(f"model config file not found: {path}")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise UserError(f"model config {path} is not valid JSON: {error}") from None
-        if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg.get("model_cfg", cfg)):
+        cfg = read_model_config(path)
+        if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
             raise UserError(f"model config {path} needs embed_dim, vision_cfg and text_cfg")
         open_clip.add_model_config(path)
         return path.stem, weights
-    open_clip.add_model_config(TANDEM_CONFIGS)
+    register_configs()
     if open_clip.get_model_config(model) is None:
         raise UserError(f"unknown model '{model}': not an export directory, a config .json or an open_clip name")
     return model, weights

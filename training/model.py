@@ -33,18 +33,22 @@ def register_configs() -> None:
         _registered = True
 
 
+def read_model_config(path: Path) -> Any:
+    """A model-config JSON file's ``model_cfg`` (open_clip's export layout) or the whole file."""
+    if not path.is_file():
+        raise UserError(f"model config file not found: {path}")
+    try:
+        model_cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"model config {path} is not valid JSON: {error}") from None
+    return model_cfg.get("model_cfg", model_cfg) if isinstance(model_cfg, dict) else model_cfg
+
+
 def resolve_model_config(cfg: ModelConfig) -> dict[str, Any]:
     """The open_clip ``model_cfg`` dict this run trains, with Tandem's overrides applied."""
     register_configs()
     if cfg.name.endswith(".json"):
-        path = Path(cfg.name)
-        if not path.is_file():
-            raise UserError(f"model config file not found: {path}")
-        try:
-            model_cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise UserError(f"model config {path} is not valid JSON: {error}") from None
-        model_cfg = model_cfg.get("model_cfg", model_cfg)
+        model_cfg = read_model_config(Path(cfg.name))
     else:
         model_cfg = open_clip.get_model_config(cfg.name)
         if model_cfg is None:
