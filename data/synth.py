@@ -47,9 +47,17 @@ _BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "slate": ((95, 105, 120), (95, 105, 120)),
     "grey gradient": ((70, 70, 75), (185, 185, 180)),
 }
-# Half-extent of the shape as a fraction of the image side.
-_SIZES: dict[str, tuple[float, float]] = {
-    "small": (0.12, 0.15), "medium": (0.18, 0.22), "large": (0.25, 0.29)}
+# Half-extent of the shape as a fraction of the image side, per framing:
+# - "scene": a small shape somewhere on a large background (3-20% of the frame), so position and size
+#   are worth captioning; CLIP's demo data.
+# - "object": object-centric, as in the ImageNet-style photos the self-supervised papers' crops are
+#   designed around: the shape fills 14-45% of the frame, so two random crops of one image both show
+#   it. On "scene" images most crops hold background only, and instance discrimination learns the
+#   background, colour and noise that identify an image instead of the shape.
+FRAMINGS: dict[str, dict[str, tuple[float, float]]] = {
+    "scene": {"small": (0.12, 0.15), "medium": (0.18, 0.22), "large": (0.25, 0.29)},
+    "object": {"small": (0.25, 0.30), "medium": (0.30, 0.35), "large": (0.35, 0.40)},
+}
 _SIZE_WORDS: dict[str, tuple[str, ...]] = {
     "small": ("small", "tiny", "little"), "medium": ("medium", "medium-sized", "mid-sized"),
     "large": ("large", "big")}
@@ -169,14 +177,15 @@ def _caption(rng: random.Random, color: str, shape: str, size: str, position: st
     return re.sub(r"\ba (?=[aeiou])", "an ", text), style
 
 
-def render_sample(rng: random.Random, image_size: int = 64, *,
-                  class_name: str | None = None) -> tuple[Image.Image, str, dict]:
+def render_sample(rng: random.Random, image_size: int = 64, *, class_name: str | None = None,
+                  framing: str = "scene") -> tuple[Image.Image, str, dict]:
     """Renders one random scene.
 
     Args:
         rng: Source of all randomness, so a seeded ``rng`` reproduces the sample.
         image_size: Side of the square output image in pixels.
         class_name: Forces the "colour shape" class; drawn uniformly when None.
+        framing: ``"scene"`` (small shapes anywhere) or ``"object"`` (large shapes): see ``FRAMINGS``.
 
     Returns:
         The RGB image, its caption and a metadata dict (class, shape, color, size,
@@ -186,9 +195,10 @@ def render_sample(rng: random.Random, image_size: int = 64, *,
     color, _, shape = class_name.partition(" ")
     if color not in COLORS or shape not in SHAPES:
         raise ValueError(f"unknown class {class_name!r}")
-    size = rng.choice(tuple(_SIZES))
+    sizes = FRAMINGS[framing]
+    size = rng.choice(tuple(sizes))
     position, background = rng.choice(_POSITIONS), rng.choice(tuple(_BACKGROUNDS))
-    scale = rng.uniform(*_SIZES[size])
+    scale = rng.uniform(*sizes[size])
     rotation = 0.0 if shape == "circle" else rng.uniform(-_ROTATION_DEG, _ROTATION_DEG)
     cx, cy = _place(rng, position, scale)
     mask = _shape_mask(shape, image_size, cx, cy, scale, rotation)
@@ -202,13 +212,14 @@ def render_sample(rng: random.Random, image_size: int = 64, *,
     return image, caption, meta
 
 
-def _shard_bytes(rng: random.Random, labels: list[str], first_key: int, image_size: int) -> bytes:
+def _shard_bytes(rng: random.Random, labels: list[str], first_key: int, image_size: int,
+                 framing: str) -> bytes:
     """Renders ``labels`` into one in-memory tar; keys count up from ``first_key``."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for offset, label in enumerate(labels):
             key = f"{first_key + offset:09d}"
-            image, caption, meta = render_sample(rng, image_size, class_name=label)
+            image, caption, meta = render_sample(rng, image_size, class_name=label, framing=framing)
             jpg = io.BytesIO()
             # 4:4:4 chroma keeps the colour (half the label) crisp at tiny sizes.
             image.save(jpg, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
@@ -230,7 +241,7 @@ def _balanced_labels(rng: random.Random, n: int) -> list[str]:
 
 
 def _write_split(split_dir: Path, n: int, rng: random.Random, per_shard: int,
-                 image_size: int) -> dict:
+                 image_size: int, framing: str) -> dict:
     """Writes one split's shards and sizes.json, removing stale shards of older runs."""
     split_dir.mkdir(parents=True, exist_ok=True)
     labels = _balanced_labels(rng, n)
@@ -238,7 +249,7 @@ def _write_split(split_dir: Path, n: int, rng: random.Random, per_shard: int,
     for index, start in enumerate(range(0, n, per_shard)):
         name = f"shard-{index:05d}.tar"
         chunk = labels[start:start + per_shard]
-        atomic_write(split_dir / name, _shard_bytes(rng, chunk, start, image_size))
+        atomic_write(split_dir / name, _shard_bytes(rng, chunk, start, image_size, framing))
         sizes[name] = len(chunk)
     # A previous, larger run would otherwise leave extra shards that globs pick up.
     for old in split_dir.glob("shard-*.tar*"):
@@ -249,7 +260,8 @@ def _write_split(split_dir: Path, n: int, rng: random.Random, per_shard: int,
 
 
 def write_dataset(out: str | Path, train_samples: int = 20000, test_samples: int = 2000,
-                  seed: int = 0, samples_per_shard: int = 1000, image_size: int = 64) -> dict:
+                  seed: int = 0, samples_per_shard: int = 1000, image_size: int = 64,
+                  framing: str = "scene") -> dict:
     """Writes the train/test shards, their sizes.json files and classes.json.
 
     Each shard is written to ``name.tmp`` then renamed, so an interrupted run never
@@ -262,12 +274,13 @@ def write_dataset(out: str | Path, train_samples: int = 20000, test_samples: int
         seed: Seed; train and test use independent streams derived from it.
         samples_per_shard: Samples per tar shard (the last one may be smaller).
         image_size: Side of the square images in pixels.
+        framing: ``"scene"`` or ``"object"``: how much of the frame the shape fills (``FRAMINGS``).
 
     Returns:
         ``{"train": {"samples", "shards"}, "test": {...}, "classes": K}`` with shard paths.
 
     Raises:
-        ValueError: If a count is not positive or ``image_size`` is below 16.
+        ValueError: If a count is not positive, ``image_size`` is below 16 or ``framing`` is unknown.
     """
     for name, value in (("train_samples", train_samples), ("test_samples", test_samples),
                         ("samples_per_shard", samples_per_shard)):
@@ -275,12 +288,14 @@ def write_dataset(out: str | Path, train_samples: int = 20000, test_samples: int
             raise ValueError(f"{name} must be >= 1, got {value}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, got {framing!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"classes": len(class_names())}
     for split, n in (("train", train_samples), ("test", test_samples)):
         rng = random.Random(f"{seed}-{split}")
-        summary[split] = _write_split(out / split, n, rng, samples_per_shard, image_size)
-    classes = {"classes": class_names(), "templates": list(TEMPLATES)}
+        summary[split] = _write_split(out / split, n, rng, samples_per_shard, image_size, framing)
+    classes = {"classes": class_names(), "templates": list(TEMPLATES), "framing": framing}
     atomic_write(out / "classes.json", json.dumps(classes, indent=2).encode("utf-8"))
     return summary

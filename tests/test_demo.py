@@ -26,3 +26,20 @@ def test_demo_generates_trains_evaluates_and_exports(tmp_path, capsys):
     ensure_dataset(out / "data", 512, 128)
     assert "using the dataset" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in shards] == stamps
+
+
+def test_each_framing_has_its_own_dataset_and_a_mismatch_is_regenerated(tmp_path, capsys):
+    from training.demo import data_dir_for
+
+    scene, objects = data_dir_for(tmp_path, "scene"), data_dir_for(tmp_path, "object")
+    assert scene != objects
+    ensure_dataset(scene, 24, 12, "scene")
+    ensure_dataset(objects, 24, 12, "object")
+    assert json.loads((objects / "classes.json").read_text())["framing"] == "object"
+    assert json.loads((scene / "classes.json").read_text())["framing"] == "scene"
+    ensure_dataset(objects, 24, 12, "object")
+    assert "using the dataset" in capsys.readouterr().out
+    # A folder written with the other framing (here: scene shards asked for as object) is rewritten.
+    ensure_dataset(scene, 24, 12, "object")
+    assert "regenerating" in capsys.readouterr().out
+    assert json.loads((scene / "classes.json").read_text())["framing"] == "object"

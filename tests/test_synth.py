@@ -82,7 +82,7 @@ def test_layout_and_metadata(tmp_path):
     summary = synth.write_dataset(tmp_path, train_samples=45, test_samples=10,
                                   samples_per_shard=20, image_size=40)
     classes = json.loads((tmp_path / "classes.json").read_text())
-    assert classes == {"classes": synth.class_names(), "templates": list(synth.TEMPLATES)}
+    assert classes == {"classes": synth.class_names(), "templates": list(synth.TEMPLATES), "framing": "scene"}
     assert summary["classes"] == len(classes["classes"])
     for split, n, shards in (("train", 45, 3), ("test", 10, 1)):
         sizes = json.loads((tmp_path / split / "sizes.json").read_text())
@@ -151,8 +151,29 @@ def test_image_colour_matches_label():
         assert list(synth.COLORS)[nearest] == meta["color"], meta
 
 
+def _shape_fraction(image: Image.Image) -> float:
+    pixels = np.asarray(image, np.float32).reshape(-1, 3)
+    return float(((pixels.max(axis=1) - pixels.min(axis=1)) > 70).mean())
+
+
+def test_object_framing_fills_the_frame_scene_framing_does_not():
+    fractions = {}
+    for framing, sizes in synth.FRAMINGS.items():
+        rng, lo, hi = random.Random(3), min(s[0] for s in sizes.values()), max(s[1] for s in sizes.values())
+        fractions[framing] = []
+        for _ in range(60):
+            image, _, meta = synth.render_sample(rng, 64, framing=framing)
+            assert lo <= meta["scale"] <= hi and meta["size"] in sizes
+            fractions[framing].append(_shape_fraction(image))
+    # Scene shapes cover a few percent of the frame, object shapes over twice as much on average, and
+    # even the smallest object-framed shape covers more than the median scene-framed one.
+    assert np.mean(fractions["object"]) > 2 * np.mean(fractions["scene"])
+    assert min(fractions["object"]) > np.median(fractions["scene"])
+
+
 @pytest.mark.parametrize("kwargs", [
-    dict(train_samples=0), dict(test_samples=-1), dict(samples_per_shard=0), dict(image_size=15)])
+    dict(train_samples=0), dict(test_samples=-1), dict(samples_per_shard=0), dict(image_size=15),
+    dict(framing="poster")])
 def test_invalid_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
         synth.write_dataset(tmp_path, **{"train_samples": 2, "test_samples": 2, **kwargs})

@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="clip",
                       choices=METHOD_NAMES,
                       help="clip (default) or an image-only baseline, evaluated by kNN and linear probe")
+    demo.add_argument("--framing", choices=("scene", "object"),
+                      help="synthetic images: small shapes in scenes (clip's default) or object-centric "
+                           "large shapes (the image-only methods' default)")
 
     train = sub.add_parser("train", help="train a CLIP model from a TOML config")
     train.add_argument("--config", help="TOML file with the deltas from the defaults")
@@ -93,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--test-samples", type=int, default=2000)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--framing", choices=("scene", "object"), default="scene",
+                       help="small shapes in scenes (default) or large object-centric shapes")
     shards = data_sub.add_parser("shards", help="write img2dataset-layout shards from images + captions")
     shards.add_argument("--input", required=True,
                         help="folder of images with caption sidecars (a.jpg + a.txt), or a .csv/.tsv/.parquet table")
@@ -178,7 +183,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     start = time.time()
     try:
         summary = write_dataset(args.out, args.train_samples, args.test_samples, seed=args.seed,
-                                image_size=args.image_size)
+                                image_size=args.image_size, framing=args.framing)
     except ValueError as error:
         raise UserError(str(error)) from None
     print(f"wrote {summary['train']['samples']} train and {summary['test']['samples']} test samples, "
@@ -233,9 +238,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from training.unimodal.demo import run_method_demo
 
         return run_method_demo(Path(args.out), args.method, nproc=args.nproc, train_samples=args.train_samples,
-                               test_samples=args.test_samples, overrides=args.set)
+                               test_samples=args.test_samples, overrides=args.set, framing=args.framing or "object")
     return run_demo(Path(args.out), nproc=args.nproc, train_samples=args.train_samples,
-                    test_samples=args.test_samples, overrides=args.set)
+                    test_samples=args.test_samples, overrides=args.set, framing=args.framing or "scene")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "data": cmd_data, "demo": cmd_demo,

@@ -18,33 +18,47 @@ EVAL_KEYS = (
 )
 
 
-def ensure_dataset(data_dir: Path, train_samples: int, test_samples: int) -> None:
-    """Generate the synthetic shards unless a previous demo already did."""
-    if (data_dir / "classes.json").is_file() and (data_dir / "test" / "sizes.json").is_file():
-        print(f"using the dataset in {data_dir}")
-        return
+def data_dir_for(out: Path, framing: str) -> Path:
+    """``OUT/data`` for the scene framing, ``OUT/data-<framing>`` otherwise, so the CLIP demo and the
+    image-only demos can share one ``--out`` without regenerating each other's shards."""
+    return out / ("data" if framing == "scene" else f"data-{framing}")
+
+
+def ensure_dataset(data_dir: Path, train_samples: int, test_samples: int, framing: str = "scene") -> None:
+    """Generate the synthetic shards unless a previous demo already did (with the same framing)."""
+    classes = data_dir / "classes.json"
+    if classes.is_file() and (data_dir / "test" / "sizes.json").is_file():
+        try:
+            found = json.loads(classes.read_text()).get("framing", "scene")
+        except (ValueError, AttributeError):
+            found = None
+        if found == framing:
+            print(f"using the dataset in {data_dir}")
+            return
+        print(f"regenerating {data_dir}: it holds {found or 'unreadable'} framing, not {framing}")
     from data.synth import write_dataset
 
     start = time.time()
     try:
-        write_dataset(data_dir, train_samples, test_samples, seed=0)
+        write_dataset(data_dir, train_samples, test_samples, seed=0, framing=framing)
     except ValueError as error:
         raise UserError(str(error)) from None
-    print(f"generated {train_samples} train + {test_samples} test samples in {data_dir} ({time.time() - start:.0f}s)")
+    print(f"generated {train_samples} train + {test_samples} test samples ({framing} framing) in {data_dir} "
+          f"({time.time() - start:.0f}s)")
 
 
 def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: int, test_samples: int,
-                       overrides: list[str]):
-    """Generate (or reuse) the synthetic shards under ``OUT/data``, then run ``tandem train`` with
-    ``config`` (plus ``overrides``) on ``nproc`` local processes into ``OUT/run``.
+                       overrides: list[str], framing: str = "scene"):
+    """Generate (or reuse) the synthetic shards of ``framing`` under ``data_dir_for(OUT, framing)``, then
+    run ``tandem train`` with ``config`` (plus ``overrides``) on ``nproc`` local processes into ``OUT/run``.
 
     Returns (resolved config, run dir, exit status, training seconds).
     """
     from training.launch import run_local
     from training.trainer import check_inputs
 
-    data_dir, run_dir = out / "data", out / "run"
-    ensure_dataset(data_dir, train_samples, test_samples)
+    data_dir, run_dir = data_dir_for(out, framing), out / "run"
+    ensure_dataset(data_dir, train_samples, test_samples, framing)
     paths = [
         f'data.train_shards="{data_dir}/train/shard-{{00000..{_last_shard(data_dir / "train")}}}.tar"',
         f'data.val_shards="{data_dir}/test/shard-{{00000..{_last_shard(data_dir / "test")}}}.tar"',
@@ -63,17 +77,19 @@ def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: in
     return cfg, run_dir, status, time.time() - start
 
 
-def run_demo(out: Path, *, nproc: int, train_samples: int, test_samples: int, overrides: list[str]) -> int:
+def run_demo(out: Path, *, nproc: int, train_samples: int, test_samples: int, overrides: list[str],
+             framing: str = "scene") -> int:
     from training.evaluate import evaluate_export
 
     out = Path(out).resolve()
     cfg, run_dir, status, trained = train_on_synthetic(
-        out, DEMO_CONFIG, nproc=nproc, train_samples=train_samples, test_samples=test_samples, overrides=overrides)
+        out, DEMO_CONFIG, nproc=nproc, train_samples=train_samples, test_samples=test_samples, overrides=overrides,
+        framing=framing)
     if status != 0:
         return status
     result = evaluate_export(str(run_dir / "export"), cfg.data.val_shards, cfg.data.classes)
     (out / "eval.json").write_text(json.dumps({k: result[k] for k in EVAL_KEYS} | {"num_samples": result["num_samples"]}, indent=2))
-    _report(out, run_dir, result, trained)
+    _report(out, Path(cfg.data.classes).parent, run_dir, result, trained)
     return 0
 
 
@@ -84,11 +100,11 @@ def _last_shard(folder: Path) -> str:
     return shards[-1].stem.split("-")[-1]
 
 
-def _report(out: Path, run_dir: Path, result: dict, seconds: float) -> None:
+def _report(out: Path, data_dir: Path, run_dir: Path, result: dict, seconds: float) -> None:
     print(f"\ntrained in {seconds:.0f}s on {result['num_samples']} held-out samples:")
     for key in EVAL_KEYS:
         print(f"  {key:26s} {result[key]:.3f}")
-    print(f"\n  data         {out / 'data'}")
+    print(f"\n  data         {data_dir}")
     print(f"  run          {run_dir}  (config.toml, metrics.jsonl, eval.jsonl, checkpoints/)")
     print(f"  export       {run_dir / 'export'}  (open_clip local-dir:)")
     print(f"  eval.json    {out / 'eval.json'}")

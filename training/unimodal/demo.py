@@ -21,7 +21,7 @@ def method_config(method: str) -> Path:
 
 
 def run_method_demo(out: Path, method: str, *, nproc: int, train_samples: int, test_samples: int,
-                    overrides: list[str]) -> int:
+                    overrides: list[str], framing: str = "object") -> int:
     from training.model import resolve_model_config
     from training.unimodal.evaluate import evaluate_backbone
     from training.unimodal.trainer import build, crop_size, load_backbone
@@ -31,7 +31,7 @@ def run_method_demo(out: Path, method: str, *, nproc: int, train_samples: int, t
     out = Path(out).resolve()
     cfg, run_dir, status, trained_s = train_on_synthetic(
         out, method_config(method), nproc=nproc, train_samples=train_samples, test_samples=test_samples,
-        overrides=overrides)
+        overrides=overrides, framing=framing)
     if status != 0:
         return status
 
