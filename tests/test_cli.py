@@ -60,6 +60,13 @@ def test_eval_and_export_of_wrong_directories(tmp_path, synth_data):
     assert_one_line_error(tandem("data", "synth", "--out", str(tmp_path / "d"), "--train-samples", "0"), "train_samples")
 
 
+def test_data_synth_writes_the_framing_asked_for(tmp_path):
+    proc = tandem("data", "synth", "--out", str(tmp_path), "--train-samples", "8", "--test-samples", "4",
+                  "--framing", "object")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "classes.json").read_text())["framing"] == "object"
+
+
 def test_metrics_logger_writes_jsonl_and_serves_prometheus(tmp_path):
     port = free_port()
     logger = MetricsLogger(tmp_path, total_steps=10, port=port)
