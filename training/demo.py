@@ -48,7 +48,7 @@ def ensure_dataset(data_dir: Path, train_samples: int, test_samples: int, framin
 
 
 def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: int, test_samples: int,
-                       overrides: list[str], framing: str = "scene"):
+                       overrides: list[str], framing: str):
     """Generate (or reuse) the synthetic shards of ``framing`` under ``data_dir_for(OUT, framing)``, then
     run ``tandem train`` with ``config`` (plus ``overrides``) on ``nproc`` local processes into ``OUT/run``.
 
@@ -78,7 +78,7 @@ def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: in
 
 
 def run_demo(out: Path, *, nproc: int, train_samples: int, test_samples: int, overrides: list[str],
-             framing: str = "scene") -> int:
+             framing: str) -> int:
     from training.evaluate import evaluate_export
 
     out = Path(out).resolve()
