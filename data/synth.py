@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.files import add_tar_member, atomic_write
+from data.framings import FRAMINGS
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 
@@ -46,17 +47,6 @@ _BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "beige": ((185, 175, 150), (185, 175, 150)),
     "slate": ((95, 105, 120), (95, 105, 120)),
     "grey gradient": ((70, 70, 75), (185, 185, 180)),
-}
-# Half-extent of the shape as a fraction of the image side, per framing:
-# - "scene": a small shape somewhere on a large background (3-20% of the frame), so position and size
-#   are worth captioning; CLIP's demo data.
-# - "object": object-centric, as in the ImageNet-style photos the self-supervised papers' crops are
-#   designed around: the shape fills 14-45% of the frame, so two random crops of one image both show
-#   it. On "scene" images most crops hold background only, and instance discrimination learns the
-#   background, colour and noise that identify an image instead of the shape.
-FRAMINGS: dict[str, dict[str, tuple[float, float]]] = {
-    "scene": {"small": (0.12, 0.15), "medium": (0.18, 0.22), "large": (0.25, 0.29)},
-    "object": {"small": (0.25, 0.30), "medium": (0.30, 0.35), "large": (0.35, 0.40)},
 }
 _SIZE_WORDS: dict[str, tuple[str, ...]] = {
     "small": ("small", "tiny", "little"), "medium": ("medium", "medium-sized", "mid-sized"),

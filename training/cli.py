@@ -13,12 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+from data.framings import FRAMINGS
 from training.config import METHOD_NAMES
 from training.errors import UserError
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
-# data.synth.FRAMINGS' keys, spelled out so the parser does not import numpy and PIL (~0.3 s).
-FRAMINGS = ("scene", "object")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="clip",
                       choices=METHOD_NAMES,
                       help="clip (default) or an image-only baseline, evaluated by kNN and linear probe")
-    demo.add_argument("--framing", choices=FRAMINGS,
+    demo.add_argument("--framing", choices=tuple(FRAMINGS),
                       help="synthetic images: small shapes in scenes (clip's default) or object-centric "
                            "large shapes (the image-only methods' default)")
 
@@ -98,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--test-samples", type=int, default=2000)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64)
-    synth.add_argument("--framing", choices=FRAMINGS, default="scene",
+    synth.add_argument("--framing", choices=tuple(FRAMINGS), default="scene",
                        help="small shapes in scenes (default) or large object-centric shapes")
     shards = data_sub.add_parser("shards", help="write img2dataset-layout shards from images + captions")
     shards.add_argument("--input", required=True,
