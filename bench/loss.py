@@ -146,7 +146,7 @@ def _time_worker(rank: int, port: int, impls: list[str], global_batch: int, dim:
 
 
 def _spawn(worker, *args) -> dict:
-    from training.distributed import free_port
+    from training.launch import free_port
 
     out = mp.Manager().dict()
     mp.spawn(worker, args=(free_port(), *args, out), nprocs=WORLD, join=True)

@@ -237,7 +237,7 @@ def batches(url: str) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.distributed import free_port
+    from training.launch import free_port
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=192, help="requests at concurrency 32 (8: a third, 1: 12)")

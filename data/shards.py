@@ -6,7 +6,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from webdataset.shardlists import expand_urls
+from braceexpand import braceexpand
 
 from data import s3
 from training.errors import UserError
@@ -25,7 +25,7 @@ def expand_shards(spec: str) -> list[str]:
     urls: list[str] = []
     for part in split_sources(spec):
         try:
-            urls.extend(expand_urls(part))
+            urls.extend(braceexpand(part))
         except ValueError as error:
             raise UserError(f"bad shard pattern '{part}': {error}") from None
     if not urls:

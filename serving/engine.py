@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from training.errors import UserError
-from training.model import read_model_config, register_configs
+from training.model import register_configs
+from training.model_config import read_model_config
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"

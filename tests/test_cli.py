@@ -1,11 +1,13 @@
 """A user's mistake gets one clear line on stderr and exit status 2, never a traceback."""
 
 import json
+import subprocess
+import sys
 import urllib.request
 
 import pytest
 
-from tests.conftest import free_port, tandem
+from tests.conftest import ROOT, free_port, tandem
 from training.metrics import MetricsLogger
 
 
@@ -79,3 +81,41 @@ def test_metrics_logger_writes_jsonl_and_serves_prometheus(tmp_path):
     assert "tandem_train_loss 1.5" in body and "tandem_train_step 3.0" in body
     assert "tandem_train_skipped_samples_total 2.0" in body
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["temperature"] == 20.0
+
+
+def test_inputs_are_checked_without_the_heavy_imports(synth_data):
+    """`tandem train --nproc N` checks in the launching process; torch & co would cost ~15 s there."""
+    script = """
+import sys
+from training.checks import check_inputs
+from training.config import load
+from training.launch import run_local
+data = sys.argv[1]
+for name in ("tandem-tiny", "ViT-B-32"):
+    check_inputs(load(None, [f'data.train_shards="{data}/train/shard-{{00000..00003}}.tar"',
+                             f'data.val_shards="{data}/test/shard-{{00000..00001}}.tar"',
+                             f'data.classes="{data}/classes.json"', f'model.name="{name}"']))
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "open_clip", "webdataset", "deepspeed", "numpy"})
+print("heavy:", heavy)
+import numpy  # the check itself can fail: an import is seen
+print("control:", "numpy" in {m.split(".")[0] for m in sys.modules})
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(synth_data)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "heavy: []" in proc.stdout and "control: True" in proc.stdout, proc.stdout
+
+
+def test_model_names_resolve_as_open_clip_resolves_them():
+    """Every name open_clip knows (Tandem's configs registered in front) gives the same config."""
+    import open_clip
+
+    from training.model import register_configs
+    from training.model_config import named_model_config
+
+    register_configs()
+    names = open_clip.list_models()
+    assert "tandem-tiny" in names and "ViT-B-32" in names
+    for name in names:
+        assert named_model_config(name) == open_clip.get_model_config(name), name
+    assert named_model_config("ViT-Q-99") is None

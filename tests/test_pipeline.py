@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.pipeline import ShardStream, StreamSpec, decode_sample, load_classes, make_loader
+from data.classes import load_classes
+from data.pipeline import ShardStream, StreamSpec, decode_sample, make_loader
 from data.shards import count_samples, expand_shards
 from training.errors import UserError
 

@@ -84,7 +84,8 @@ def metric(text: str, name: str, **labels) -> float:
 # ---- the numbers agree with tandem eval ----
 
 def test_classify_and_search_agree_with_tandem_eval(api, tiny_export, synth_data, samples, engine):
-    from data.pipeline import decode_image, load_classes
+    from data.classes import load_classes
+    from data.pipeline import decode_image
     from training.cli import shard_pattern
     from training.evaluate import class_embeddings, evaluate_export
 

@@ -135,21 +135,19 @@ def shard_pattern(path: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training import config as config_mod
-    from training import distributed
+    from training.checks import check_inputs
+    from training.launch import launched, run_local
 
     cfg = config_mod.load(args.config, args.set)
-    if args.nproc > 1 and not distributed.launched():
-        from training.launch import run_local
-        from training.trainer import check_inputs
-
-        check_inputs(cfg, args.resume)
+    check_inputs(cfg, args.resume)  # before the heavy imports, so a mistake is reported at once
+    if args.nproc > 1 and not launched():
         forwarded = ["train"] + (["--config", args.config] if args.config else [])
         forwarded += [part for item in args.set for part in ("--set", item)]
         forwarded += ["--resume", args.resume] if args.resume else []
         return run_local(args.nproc, forwarded)
-    from training.trainer import check_inputs, train
+    from training import distributed
+    from training.trainer import train
 
-    check_inputs(cfg, args.resume)
     result = train(cfg, resume=args.resume)
     if result and distributed.is_main():
         print(json.dumps(result))

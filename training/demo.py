@@ -55,7 +55,7 @@ def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: in
     Returns (resolved config, run dir, exit status, training seconds).
     """
     from training.launch import run_local
-    from training.trainer import check_inputs
+    from training.checks import check_inputs
 
     data_dir, run_dir = data_dir_for(out, framing), out / "run"
     ensure_dataset(data_dir, train_samples, test_samples, framing)

@@ -16,12 +16,13 @@ import datetime
 import io
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from training.launch import free_port, launched
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,6 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank())
     return torch.device("cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launched() -> bool:
-    """True when a launcher (or Kubernetes) already set the rendezvous variables."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init(timeout_s: float | None = None) -> None:

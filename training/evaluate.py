@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.pipeline import StreamSpec, load_classes, make_loader
+from data.classes import load_classes
+from data.pipeline import StreamSpec, make_loader
 from data.shards import expand_shards
 from training import distributed
 

@@ -1,4 +1,5 @@
-"""open_clip models by name or JSON config, with an optional Hugging Face text tower.
+"""open_clip models from a resolved config (``training.model_config``), with an optional Hugging Face
+text tower.
 
 Tandem keeps the model exactly as open_clip builds it, so an export loads back with
 ``open_clip.create_model_and_transforms("local-dir:DIR")`` and nothing Tandem-specific.
@@ -7,21 +8,17 @@ Tandem keeps the model exactly as open_clip builds it, so an export loads back w
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Callable
 
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from training.config import ModelConfig
-from training.errors import UserError
+from training.model_config import CONFIG_DIR
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
 
@@ -31,49 +28,6 @@ def register_configs() -> None:
     if not _registered:
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
-
-
-def read_model_config(path: Path) -> Any:
-    """A model-config JSON file's ``model_cfg`` (open_clip's export layout) or the whole file."""
-    if not path.is_file():
-        raise UserError(f"model config file not found: {path}")
-    try:
-        model_cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"model config {path} is not valid JSON: {error}") from None
-    return model_cfg.get("model_cfg", model_cfg) if isinstance(model_cfg, dict) else model_cfg
-
-
-def resolve_model_config(cfg: ModelConfig) -> dict[str, Any]:
-    """The open_clip ``model_cfg`` dict this run trains, with Tandem's overrides applied."""
-    register_configs()
-    if cfg.name.endswith(".json"):
-        model_cfg = read_model_config(Path(cfg.name))
-    else:
-        model_cfg = open_clip.get_model_config(cfg.name)
-        if model_cfg is None:
-            raise UserError(f"unknown model '{cfg.name}' (see open_clip.list_models())")
-    model_cfg = copy.deepcopy(model_cfg)
-    if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_cfg):
-        raise UserError(f"model config '{cfg.name}' needs embed_dim, vision_cfg and text_cfg")
-    if cfg.hf_text_model:
-        model_cfg["text_cfg"] = _hf_text_cfg(cfg, model_cfg["text_cfg"])
-    if cfg.context_length:
-        model_cfg["text_cfg"]["context_length"] = cfg.context_length
-    return model_cfg
-
-
-def _hf_text_cfg(cfg: ModelConfig, base: dict[str, Any]) -> dict[str, Any]:
-    path = Path(cfg.hf_text_model).resolve()
-    if not (path / "config.json").is_file():
-        raise UserError(f"model.hf_text_model {path} is not a Hugging Face model directory")
-    return {
-        "hf_model_name": str(path),
-        "hf_tokenizer_name": str(path),
-        "hf_proj_type": "linear",
-        "hf_pooler_type": cfg.hf_pooler,
-        "context_length": base.get("context_length", 32),
-    }
 
 
 def create_model(model_cfg: dict[str, Any], *, pretrained_text: bool = True) -> torch.nn.Module:

@@ -18,17 +18,17 @@ from typing import Any
 import torch
 
 from data.pipeline import StreamSpec, make_loader
-from data.s3 import S3Settings
-from data.shards import check_remote, count_samples, expand_shards, split_sources
+from data.shards import count_samples, expand_shards, split_sources
 from training import distributed
+from training.checks import parse_weights, s3_settings
 from training.config import Config, LossConfig, to_toml
-from training.errors import UserError
 from training.evaluate import evaluate
 from training.export import export_checkpoint, write_run_model_config
 from training.grad_cache import grad_cache_step
 from training.losses import clip_loss, siglip_loss
 from training.metrics import MetricsLogger
-from training.model import create_model, init_logit_scale, preprocess_config, resolve_model_config, tokenizer, transforms
+from training.model import create_model, init_logit_scale, preprocess_config, tokenizer, transforms
+from training.model_config import resolve_model_config
 from training.optim import build_optimizer, cosine_schedule
 
 log = logging.getLogger(__name__)
@@ -74,42 +74,6 @@ class DataCursor:
         log.warning("world size, workers or seed changed since the checkpoint: data resumes at the start of "
                     "epoch %d (the rest of the interrupted epoch is skipped, no sample repeats within an epoch)",
                     self.start_epoch)
-
-
-def check_inputs(cfg: Config, resume: str | None = None) -> None:
-    """Fail fast, before any process is started, on mistakes the user can fix."""
-    cfg.validate()
-    sources = split_sources(cfg.data.train_shards)
-    weights = parse_weights(cfg.data.train_weights)
-    if weights and len(weights) != len(sources):
-        raise UserError(f"data.train_weights has {len(weights)} weights for {len(sources)} sources")
-    check_remote(expand_shards(cfg.data.train_shards), s3_settings(cfg))
-    if resume and resume != "latest" and not (Path(cfg.train.run_dir) / "checkpoints" / resume).is_dir():
-        raise UserError(f"no checkpoint '{resume}' in {Path(cfg.train.run_dir) / 'checkpoints'}")
-    expand_shards(cfg.data.train_shards)
-    resolve_model_config(cfg.model)
-    if cfg.data.val_shards:
-        expand_shards(cfg.data.val_shards)
-        from data.pipeline import load_classes
-
-        load_classes(cfg.data.classes)
-
-
-def parse_weights(text: str) -> list[float]:
-    try:
-        weights = [float(w) for w in text.split("::") if w.strip()]
-    except ValueError:
-        raise UserError(f"data.train_weights must be numbers separated by '::', got '{text}'") from None
-    if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
-        raise UserError("data.train_weights must be non-negative with a positive sum")
-    return weights
-
-
-def s3_settings(cfg: Config) -> S3Settings:
-    data = cfg.data
-    return S3Settings(endpoint_url=data.s3_endpoint_url, region=data.s3_region,
-                      access_key_id=data.s3_access_key_id, secret_access_key=data.s3_secret_access_key,
-                      retry_seconds=data.s3_retry_seconds)
 
 
 def contrastive_loss(cfg: LossConfig, out: dict[str, torch.Tensor]) -> torch.Tensor:

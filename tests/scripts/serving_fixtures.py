@@ -12,7 +12,8 @@ def make_export(out: Path, seed: int = 0) -> Path:
     """A tandem-tiny model with random weights, exported exactly as ``tandem train`` exports."""
     from training.config import ModelConfig
     from training.export import export_state_dict
-    from training.model import create_model, preprocess_config, resolve_model_config
+    from training.model import create_model, preprocess_config
+    from training.model_config import resolve_model_config
 
     torch.manual_seed(seed)
     model_cfg = resolve_model_config(ModelConfig(name="tandem-tiny"))

@@ -22,7 +22,7 @@ def method_config(method: str) -> Path:
 
 def run_method_demo(out: Path, method: str, *, nproc: int, train_samples: int, test_samples: int,
                     overrides: list[str], framing: str) -> int:
-    from training.model import resolve_model_config
+    from training.model_config import resolve_model_config
     from training.unimodal.evaluate import evaluate_backbone
     from training.unimodal.trainer import build, crop_size, load_backbone
     from training.unimodal.transforms import eval_transform

@@ -1,0 +1,51 @@
+"""Fail fast on mistakes the user can fix, before any training process starts.
+
+Imports neither torch nor open_clip nor webdataset: ``tandem train --nproc N`` runs these checks in
+the launching process, so a missing shard or an unknown model is reported in about a second, and a
+good launch does not pay the heavy imports once more before its workers pay them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data.classes import load_classes
+from data.s3 import S3Settings
+from data.shards import check_remote, expand_shards, split_sources
+from training.config import Config
+from training.errors import UserError
+from training.model_config import resolve_model_config
+
+
+def check_inputs(cfg: Config, resume: str | None = None) -> None:
+    """Shards, weights, resume tag, model and classes: a ``UserError`` for the first one that is wrong."""
+    cfg.validate()
+    sources = split_sources(cfg.data.train_shards)
+    weights = parse_weights(cfg.data.train_weights)
+    if weights and len(weights) != len(sources):
+        raise UserError(f"data.train_weights has {len(weights)} weights for {len(sources)} sources")
+    check_remote(expand_shards(cfg.data.train_shards), s3_settings(cfg))
+    if resume and resume != "latest" and not (Path(cfg.train.run_dir) / "checkpoints" / resume).is_dir():
+        raise UserError(f"no checkpoint '{resume}' in {Path(cfg.train.run_dir) / 'checkpoints'}")
+    resolve_model_config(cfg.model)
+    if cfg.data.val_shards:
+        expand_shards(cfg.data.val_shards)
+        load_classes(cfg.data.classes)
+
+
+def parse_weights(text: str) -> list[float]:
+    """``data.train_weights``: sampling weights of the ``::``-separated sources."""
+    try:
+        weights = [float(w) for w in text.split("::") if w.strip()]
+    except ValueError:
+        raise UserError(f"data.train_weights must be numbers separated by '::', got '{text}'") from None
+    if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
+        raise UserError("data.train_weights must be non-negative with a positive sum")
+    return weights
+
+
+def s3_settings(cfg: Config) -> S3Settings:
+    data = cfg.data
+    return S3Settings(endpoint_url=data.s3_endpoint_url, region=data.s3_region,
+                      access_key_id=data.s3_access_key_id, secret_access_key=data.s3_secret_access_key,
+                      retry_seconds=data.s3_retry_seconds)

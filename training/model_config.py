@@ -1,0 +1,90 @@
+"""Which open_clip ``model_cfg`` a run trains, found without importing open_clip or torch.
+
+``tandem train --nproc N`` checks the model name in the launching process before it starts the
+workers; importing open_clip there (torchvision, timm, transformers, dynamo: ~15 s on a 2-core box)
+would delay every launch, and a mistyped name should fail in a second. open_clip's own registry is
+the JSON files of its ``model_configs`` folder, so looking a name up there (after Tandem's own
+folder, which ``training.model.register_configs`` adds in front of it) finds what
+``open_clip.get_model_config`` finds; only ``hf-hub:`` names need open_clip itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from training.config import ModelConfig
+from training.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+REQUIRED_KEYS = frozenset({"embed_dim", "vision_cfg", "text_cfg"})
+
+
+def read_model_config(path: Path) -> Any:
+    """A model-config JSON file's ``model_cfg`` (open_clip's export layout) or the whole file."""
+    if not path.is_file():
+        raise UserError(f"model config file not found: {path}")
+    try:
+        model_cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"model config {path} is not valid JSON: {error}") from None
+    return model_cfg.get("model_cfg", model_cfg) if isinstance(model_cfg, dict) else model_cfg
+
+
+def _open_clip_config_dir() -> Path | None:
+    spec = importlib.util.find_spec("open_clip")  # locates the package without running it
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / "model_configs").is_dir():
+            return Path(folder) / "model_configs"
+    return None
+
+
+def named_model_config(name: str) -> dict[str, Any] | None:
+    """The config registered under ``name`` (Tandem's configs first, then open_clip's), or None."""
+    if name.startswith("local-dir:"):
+        return read_model_config(Path(name.removeprefix("local-dir:")) / "open_clip_config.json")
+    if name.startswith("hf-hub:"):
+        import open_clip
+
+        return open_clip.get_model_config(name)
+    for folder in (CONFIG_DIR, _open_clip_config_dir()):
+        path = folder / f"{name}.json" if folder else None
+        if path and path.is_file():
+            model_cfg = read_model_config(path)
+            if isinstance(model_cfg, dict) and REQUIRED_KEYS <= set(model_cfg):
+                return model_cfg
+    return None
+
+
+def resolve_model_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The open_clip ``model_cfg`` dict this run trains, with Tandem's overrides applied."""
+    if cfg.name.endswith(".json"):
+        model_cfg = read_model_config(Path(cfg.name))
+    else:
+        model_cfg = named_model_config(cfg.name)
+        if model_cfg is None:
+            raise UserError(f"unknown model '{cfg.name}' (see open_clip.list_models())")
+    model_cfg = copy.deepcopy(model_cfg)
+    if not isinstance(model_cfg, dict) or not REQUIRED_KEYS <= set(model_cfg):
+        raise UserError(f"model config '{cfg.name}' needs embed_dim, vision_cfg and text_cfg")
+    if cfg.hf_text_model:
+        model_cfg["text_cfg"] = _hf_text_cfg(cfg, model_cfg["text_cfg"])
+    if cfg.context_length:
+        model_cfg["text_cfg"]["context_length"] = cfg.context_length
+    return model_cfg
+
+
+def _hf_text_cfg(cfg: ModelConfig, base: dict[str, Any]) -> dict[str, Any]:
+    path = Path(cfg.hf_text_model).resolve()
+    if not (path / "config.json").is_file():
+        raise UserError(f"model.hf_text_model {path} is not a Hugging Face model directory")
+    return {
+        "hf_model_name": str(path),
+        "hf_tokenizer_name": str(path),
+        "hf_proj_type": "linear",
+        "hf_pooler_type": cfg.hf_pooler,
+        "context_length": base.get("context_length", 32),
+    }
