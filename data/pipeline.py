@@ -22,7 +22,6 @@ import random
 import zlib
 from dataclasses import dataclass, field
 from itertools import count
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch

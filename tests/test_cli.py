@@ -59,6 +59,13 @@ def test_eval_and_export_of_wrong_directories(tmp_path, synth_data):
     assert_one_line_error(tandem("eval", "--model", str(tmp_path), "--data", str(synth_data / "test"),
                                  "--classes", str(synth_data / "classes.json")), "not an exported model")
     assert_one_line_error(tandem("export", "--run", str(tmp_path)), "not a Tandem run directory")
+    (tmp_path / "model_cfg.json").write_text("{}")
+    assert_one_line_error(tandem("export", "--run", str(tmp_path)), "no checkpoint found")
+    (tmp_path / "open_clip_config.json").write_text("{}")
+    assert_one_line_error(tandem("eval", "--model", str(tmp_path), "--data", str(tmp_path / "nowhere-{0..1}.tar"),
+                                 "--classes", str(synth_data / "classes.json")), "nowhere-0.tar")
+    assert_one_line_error(tandem("eval", "--model", str(tmp_path), "--data", str(synth_data / "test"),
+                                 "--classes", str(tmp_path / "missing.json")), "classes file not found")
     assert_one_line_error(tandem("data", "synth", "--out", str(tmp_path / "d"), "--train-samples", "0"), "train_samples")
 
 

@@ -16,6 +16,8 @@ from training.config import Config
 from training.errors import UserError
 from training.model_config import resolve_model_config
 
+MODEL_CFG_FILE = "model_cfg.json"  # beside a run's checkpoints: what open_clip builds
+
 
 def check_inputs(cfg: Config, resume: str | None = None) -> None:
     """Shards, weights, resume tag, model and classes: a ``UserError`` for the first one that is wrong."""
@@ -31,6 +33,36 @@ def check_inputs(cfg: Config, resume: str | None = None) -> None:
     if cfg.data.val_shards:
         expand_shards(cfg.data.val_shards)
         load_classes(cfg.data.classes)
+
+
+def check_export_dir(model_dir: str | Path) -> Path:
+    """``tandem eval --model``: a folder written by ``tandem export`` (open_clip's ``local-dir:``)."""
+    path = Path(model_dir)
+    if not (path / "open_clip_config.json").is_file():
+        raise UserError(f"{path} is not an exported model (no open_clip_config.json)")
+    return path
+
+
+def check_run_dir(run_dir: str | Path, tag: str | None = None) -> tuple[Path, str]:
+    """``tandem export --run``: a run directory holding checkpoint ``tag`` (default: the latest).
+
+    Returns the checkpoint folder and the tag."""
+    run_dir = Path(run_dir)
+    if not (run_dir / MODEL_CFG_FILE).is_file():
+        raise UserError(f"{run_dir} is not a Tandem run directory (no {MODEL_CFG_FILE})")
+    checkpoint_dir = run_dir / "checkpoints"
+    tag = tag or latest_tag(checkpoint_dir)
+    if not (checkpoint_dir / tag).is_dir():
+        raise UserError(f"no checkpoint '{tag}' in {checkpoint_dir}")
+    return checkpoint_dir, tag
+
+
+def latest_tag(checkpoint_dir: Path) -> str:
+    """The tag DeepSpeed's ``latest`` file names."""
+    latest = checkpoint_dir / "latest"
+    if not latest.is_file():
+        raise UserError(f"no checkpoint found in {checkpoint_dir}")
+    return latest.read_text().strip()
 
 
 def parse_weights(text: str) -> list[float]:

@@ -155,9 +155,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from data.classes import load_classes
+    from data.shards import expand_shards
+    from training.checks import check_export_dir
+
+    # Before the heavy imports, so a mistake is reported in about a second.
+    check_export_dir(args.model)
+    shards = shard_pattern(args.data)
+    expand_shards(shards)
+    load_classes(args.classes)
     from training.evaluate import evaluate_export
 
-    result = evaluate_export(args.model, shard_pattern(args.data), args.classes, batch_size=args.batch_size)
+    result = evaluate_export(args.model, shards, args.classes, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result))
     else:
@@ -167,6 +176,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from training.checks import check_run_dir
+
+    check_run_dir(args.run, args.tag)  # before the heavy imports
     from training.export import export_checkpoint
 
     out = export_checkpoint(Path(args.run), Path(args.out or Path(args.run) / "export"), args.tag)

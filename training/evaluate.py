@@ -8,7 +8,6 @@ Every rank embeds its own share of the split and the features are gathered, so e
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -124,11 +123,9 @@ def evaluate_export(model_dir: str, shards: str, classes_path: str, *, batch_siz
     """Evaluate an export exactly as a user of open_clip would load it (``local-dir:``)."""
     import open_clip
 
-    from training.errors import UserError
+    from training.checks import check_export_dir
 
-    path = Path(model_dir)
-    if not (path / "open_clip_config.json").is_file():
-        raise UserError(f"{path} is not an exported model (no open_clip_config.json)")
+    path = check_export_dir(model_dir)
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
     tok = open_clip.get_tokenizer(f"local-dir:{path}")
     image_size = model.visual.image_size

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 from training import distributed
+from training.checks import MODEL_CFG_FILE, check_run_dir
 from training.errors import UserError
 from training.model import create_model
 
-MODEL_CFG_FILE = "model_cfg.json"  # beside the checkpoints: what open_clip builds
 _HF_FILES = ("*.json", "*.txt", "*.model")  # HF config and tokenizer, never its weights
 
 
@@ -58,23 +58,9 @@ def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, preproces
     return out
 
 
-def latest_tag(checkpoint_dir: Path) -> str:
-    latest = checkpoint_dir / "latest"
-    if not latest.is_file():
-        raise UserError(f"no checkpoint found in {checkpoint_dir}")
-    return latest.read_text().strip()
-
-
 def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None) -> Path:
     """Export a DeepSpeed checkpoint of ``run_dir`` (``tag`` or the latest)."""
-    run_dir = Path(run_dir)
-    cfg_file = run_dir / MODEL_CFG_FILE
-    if not cfg_file.is_file():
-        raise UserError(f"{run_dir} is not a Tandem run directory (no {MODEL_CFG_FILE})")
-    saved: dict[str, Any] = json.loads(cfg_file.read_text())
-    checkpoint_dir = run_dir / "checkpoints"
-    tag = tag or latest_tag(checkpoint_dir)
-    if not (checkpoint_dir / tag).is_dir():
-        raise UserError(f"no checkpoint '{tag}' in {checkpoint_dir}")
+    checkpoint_dir, tag = check_run_dir(run_dir, tag)
+    saved: dict[str, Any] = json.loads((Path(run_dir) / MODEL_CFG_FILE).read_text())
     state = distributed.consolidated_state_dict(checkpoint_dir, tag)
     return export_state_dict(state, saved["model_cfg"], saved["preprocess_cfg"], out)
