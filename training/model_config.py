@@ -11,6 +11,7 @@ folder, which ``training.model.register_configs`` adds in front of it) finds wha
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -34,12 +35,11 @@ def read_model_config(path: Path) -> Any:
     return model_cfg.get("model_cfg", model_cfg) if isinstance(model_cfg, dict) else model_cfg
 
 
+@functools.cache
 def _open_clip_config_dir() -> Path | None:
     spec = importlib.util.find_spec("open_clip")  # locates the package without running it
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(folder) / "model_configs").is_dir():
-            return Path(folder) / "model_configs"
-    return None
+    folders = [Path(f) / "model_configs" for f in (spec.submodule_search_locations or [])] if spec else []
+    return next((f for f in folders if f.is_dir()), None)
 
 
 def named_model_config(name: str) -> dict[str, Any] | None:
@@ -50,12 +50,11 @@ def named_model_config(name: str) -> dict[str, Any] | None:
         import open_clip
 
         return open_clip.get_model_config(name)
-    for folder in (CONFIG_DIR, _open_clip_config_dir()):
-        path = folder / f"{name}.json" if folder else None
-        if path and path.is_file():
-            model_cfg = read_model_config(path)
-            if isinstance(model_cfg, dict) and REQUIRED_KEYS <= set(model_cfg):
-                return model_cfg
+    for folder in filter(None, (CONFIG_DIR, _open_clip_config_dir())):
+        path = folder / f"{name}.json"
+        model_cfg = read_model_config(path) if path.is_file() else None
+        if isinstance(model_cfg, dict) and REQUIRED_KEYS <= set(model_cfg):
+            return model_cfg
     return None
 
 
