@@ -1,8 +1,9 @@
 """Image-only losses: reference values, and distributed (gloo, world 2) == single-process.
 
-NT-Xent, SupCon and Barlow Twins gather across ranks with gradient; Sinkhorn sums over ranks. At
-world size 2 each must give, averaged over ranks, the single-process value over the concatenated
-batch, and (data-parallel averaged) the single-process gradients.
+NT-Xent, SupCon and Barlow Twins gather across ranks with gradient, MoCo v3 gathers its keys
+without; Sinkhorn sums over ranks. At world size 2 each must give, averaged over ranks, the
+single-process value over the concatenated batch, and (data-parallel averaged) the single-process
+gradients.
 """
 
 import os
@@ -14,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tests.conftest import free_port
-from training.unimodal.losses import barlow_twins_loss, nt_xent_loss, sinkhorn, supcon_loss
+from training.unimodal.losses import barlow_twins_loss, moco_v3_loss, nt_xent_loss, sinkhorn, supcon_loss
 
 ROWS, D = 5, 8  # per rank
 
@@ -50,6 +51,8 @@ CASES = {  # (z_a, z_b, labels) -> loss
     "nt_xent": lambda a, b, y: nt_xent_loss(a, b, 0.3),
     "supcon": lambda a, b, y: supcon_loss(torch.stack([a, b], 1), y, 0.2),
     "barlow_twins": lambda a, b, y: barlow_twins_loss(a, b, 0.05),
+    # symmetric, as the method uses it: each view is the query once and the (constant) key once
+    "moco_v3": lambda a, b, y: moco_v3_loss(a, b, 0.2) + moco_v3_loss(b, a, 0.2),
 }
 
 
@@ -59,6 +62,19 @@ def test_nt_xent_matches_reference():
                           atol=1e-5)
     # aligned views give a lower loss than unrelated ones
     assert nt_xent_loss(z_a, z_a, 0.3) < nt_xent_loss(z_a, torch.randn_like(z_a), 0.3)
+
+
+def test_moco_v3_matches_reference_and_keys_take_no_gradient():
+    q, k = inputs(6)
+    qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    t = 0.2
+    expected = sum(-(qn[i] @ kn[i] / t - torch.logsumexp(qn[i] @ kn.T / t, 0)) for i in range(6)) / 6 * 2 * t
+    q, k = q.float().requires_grad_(), k.float().requires_grad_()
+    loss = moco_v3_loss(q, k, t)
+    assert torch.allclose(loss.double(), expected, atol=1e-5)
+    loss.backward()
+    assert k.grad is None and q.grad.abs().sum() > 0
+    assert moco_v3_loss(k, k, t) < moco_v3_loss(torch.randn_like(k), k, t)
 
 
 def test_supcon_with_one_image_per_label_is_nt_xent():

@@ -84,11 +84,11 @@ def test_moco_negatives_never_contain_the_current_keys(monkeypatch):
         assert torch.cdist(current[2:], method.queue.keys).min(1).values.max() < 1e-6
 
 
-@pytest.mark.parametrize("name", ["moco", "byol"])
+@pytest.mark.parametrize("name", ["moco", "moco_v3", "byol"])
 def test_targets_take_no_gradient_and_follow_the_ema_exactly(name):
     method = make(name, momentum=0.9, momentum_end=0.99)
-    targets = ([method.key_backbone, method.key_projector] if name == "moco"
-               else [method.target_backbone, method.target_projector])
+    targets = ([method.target_backbone, method.target_projector] if name == "byol"
+               else [method.key_backbone, method.key_projector])
     online = [method.backbone, method.projector]
     optimizer = build_optimizer(method, OptimConfig(lr=0.05), 100.0)
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -100,7 +100,8 @@ def test_targets_take_no_gradient_and_follow_the_ema_exactly(name):
         optimizer.step()
         optimizer.zero_grad()
         method.after_step(step, 4)
-        m = 0.9 if name == "moco" else cosine_momentum(step, 4, 0.9, 0.99)
+        m = 0.9 if name == "moco" else cosine_momentum(step, 4, 0.9, 0.99)  # v2 constant; v3, BYOL cosine
+        assert method.momentum == pytest.approx(m)
         new_online = [p.detach() for o in online for p in o.parameters()]
         for before, now, src in zip(old, (p for t in targets for p in t.parameters()), new_online):
             assert torch.allclose(now, m * before + (1 - m) * src, atol=1e-7)

@@ -77,8 +77,8 @@ def test_unknown_method_is_a_one_line_error(tmp_path, synth_data):
     proc = tandem("train", "--config", str(cfg), "--set", "method.name=simclrr")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "tandem: error: method.name must be one of clip, simclr, moco, byol, simsiam, barlow_twins, swav, "
-        "supcon, got 'simclrr'"]
+        "tandem: error: method.name must be one of clip, simclr, moco, moco_v3, byol, simsiam, barlow_twins, "
+        "swav, supcon, got 'simclrr'"]
 
 
 def test_method_config_keys_are_checked():

@@ -145,24 +145,26 @@ class MethodConfig:
     A knob that a method does not use is ignored by it; 0 means "the method's paper value"."""
 
     name: str = "clip"
-    """``clip`` or one of ``simclr``, ``moco``, ``byol``, ``simsiam``, ``barlow_twins``, ``swav``,
-    ``supcon``."""
+    """``clip`` or one of ``simclr``, ``moco`` (v2), ``moco_v3``, ``byol``, ``simsiam``,
+    ``barlow_twins``, ``swav``, ``supcon``."""
     temperature: float = 0.0
-    """Softmax temperature of SimCLR, MoCo, SwAV, SupCon (0: 0.5, 0.2, 0.1, 0.1)."""
+    """Softmax temperature of SimCLR, MoCo v2, MoCo v3, SwAV, SupCon (0: the papers' 0.5, 0.2, 1.0 (its
+    ResNet value; 0.2 for ViTs), 0.1, 0.1)."""
     proj_hidden: int = 512
     """Hidden width of the projection (and prediction) MLPs."""
     proj_dim: int = 128
     """Output width of the projection head (the embedding the loss sees)."""
     predictor: bool = True
-    """BYOL/SimSiam: use the prediction head (false makes the set-up collapse; for tests)."""
+    """BYOL/SimSiam/MoCo v3: use the prediction head (false makes BYOL and SimSiam collapse; for tests)."""
     momentum: float = 0.99
-    """MoCo/BYOL: EMA momentum of the target (key) encoder; BYOL's cosine schedule starts here."""
+    """MoCo/BYOL: EMA momentum of the target (key) encoder; the cosine schedule of BYOL and MoCo v3
+    starts here (MoCo v2 keeps it constant)."""
     momentum_end: float = 1.0
-    """BYOL: the momentum the cosine schedule reaches at the last step."""
+    """BYOL, MoCo v3: the momentum the cosine schedule reaches at the last step."""
     queue_size: int = 4096
-    """MoCo: keys kept as negatives, independent of the batch size."""
+    """MoCo v2: keys kept as negatives, independent of the batch size (v3 has no queue)."""
     shuffle_bn: bool = True
-    """MoCo: shuffle the key batch across ranks around the key encoder (no BatchNorm shortcut)."""
+    """MoCo v2/v3: shuffle the key batch across ranks around the key encoder (no BatchNorm shortcut)."""
     barlow_lambda: float = 0.0051
     """Barlow Twins: weight of the off-diagonal (redundancy-reduction) terms (the paper's value)."""
     prototypes: int = 64
@@ -188,7 +190,7 @@ class MethodConfig:
     falls below this (1 for isotropic embeddings, 0 for a constant one)."""
 
 
-METHOD_NAMES = ("clip", "simclr", "moco", "byol", "simsiam", "barlow_twins", "swav", "supcon")
+METHOD_NAMES = ("clip", "simclr", "moco", "moco_v3", "byol", "simsiam", "barlow_twins", "swav", "supcon")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -73,6 +73,31 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
+def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """InfoNCE against the keys of the global batch (Chen, Xie & He 2021, "An Empirical Study of
+    Training Self-Supervised Vision Transformers", MoCo v3)::
+
+        l_i = -log( exp(<q_i, k_i> / t) / sum_{j=1..N} exp(<q_i, k_j> / t) )
+        loss = 2t * mean_i l_i
+
+    No queue: the negatives are the momentum encoder's keys of the other N - 1 images of the global
+    batch, gathered from every rank without gradient (keys are constants). The factor 2t is the
+    paper's; it keeps the gradient's scale from depending on t.
+
+    Args:
+        q: ``[B, D]`` this rank's queries (online encoder and predictor; normalised here).
+        k: ``[B, D]`` this rank's keys from the momentum encoder, row i the same image as ``q`` row i
+            (normalised here).
+        temperature: ``t``.
+    """
+    if q.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
+    q, k = F.normalize(q.float(), dim=-1), F.normalize(k.detach().float(), dim=-1)
+    keys = distributed.all_gather(k)  # [N, D]
+    own = torch.arange(q.shape[0], device=q.device) + distributed.rank() * q.shape[0]
+    return F.cross_entropy(q @ keys.T / temperature, own) * (2 * temperature)
+
+
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL's normalised MSE (Grill et al. 2020, "Bootstrap Your Own Latent")::
 

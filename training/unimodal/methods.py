@@ -1,4 +1,4 @@
-"""SimCLR, MoCo v2, BYOL, SimSiam, Barlow Twins, SwAV and SupCon, each a composition of ``parts``.
+"""SimCLR, MoCo v2 and v3, BYOL, SimSiam, Barlow Twins, SwAV and SupCon, each a composition of ``parts``.
 
 Shape legend: B = images on this rank, V = views, F = backbone features, D = embed dim.
 
@@ -18,8 +18,8 @@ from torch import nn
 
 from training import distributed
 from training.config import MethodConfig
-from training.unimodal.losses import (barlow_twins_loss, byol_loss, moco_loss, nt_xent_loss, simsiam_loss,
-                                      sinkhorn, supcon_loss, swav_loss)
+from training.unimodal.losses import (barlow_twins_loss, byol_loss, moco_loss, moco_v3_loss, nt_xent_loss,
+                                      simsiam_loss, sinkhorn, supcon_loss, swav_loss)
 from training.unimodal.parts import (KeyQueue, cosine_momentum, ema_update_, frozen_copy, mlp,
                                      shuffled_forward)
 
@@ -86,26 +86,41 @@ class SupCon(SimCLR):
         return {"loss": supcon_loss(z, labels, self.temperature), "embedding": z[:, 0]}
 
 
-@register("moco")
-class MoCo(Method):
-    """MoCo v2 with the symmetric loss: both views serve as query and as key."""
+class MomentumKeys(Method):
+    """A method whose keys come from a momentum copy of the backbone and projector (MoCo v2, v3)."""
 
     default_temperature = 0.2
 
-    def __init__(self, backbone, dim, cfg):
+    def __init__(self, backbone, dim, cfg, projector: nn.Module):
         super().__init__(backbone, dim, cfg)
-        self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim)
-        self.key_backbone, self.key_projector = frozen_copy(backbone), frozen_copy(self.projector)
-        self.queue = KeyQueue(cfg.queue_size, cfg.proj_dim)
+        self.projector = projector
+        self.key_backbone, self.key_projector = frozen_copy(backbone), frozen_copy(projector)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))  # seeds the key shuffle
         self.momentum = cfg.momentum
 
     def keys(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Normalised keys ``[V*B, D]``, view-major; with ``shuffle_bn`` the batch is shuffled across
+        ranks around the key encoder (MoCo's stand-in for SyncBN)."""
         key_encoder = lambda x: self.key_projector(self.key_backbone(x))  # noqa: E731
         with torch.no_grad():
             x = torch.cat(views)
             k = shuffled_forward(key_encoder, x, int(self.calls)) if self.cfg.shuffle_bn else key_encoder(x)
+            self.calls += 1
             return F.normalize(k.float(), dim=-1)
+
+    def update_keys(self, momentum: float) -> None:
+        self.momentum = momentum
+        ema_update_(self.key_backbone, self.backbone, momentum)
+        ema_update_(self.key_projector, self.projector, momentum)
+
+
+@register("moco")
+class MoCo(MomentumKeys):
+    """MoCo v2 with the symmetric loss: both views serve as query and as key."""
+
+    def __init__(self, backbone, dim, cfg):
+        super().__init__(backbone, dim, cfg, mlp(dim, cfg.proj_hidden, cfg.proj_dim))
+        self.queue = KeyQueue(cfg.queue_size, cfg.proj_dim)
 
     def forward(self, views, labels=None):
         q_a, q_b = self.encode(views[:2], self.backbone, self.projector).chunk(2)
@@ -113,12 +128,33 @@ class MoCo(Method):
         negatives = self.queue.keys.clone()  # this batch's keys are enqueued only after
         loss = (moco_loss(q_a, k_b, negatives, self.temperature) + moco_loss(q_b, k_a, negatives, self.temperature)) / 2
         self.queue.enqueue(distributed.all_gather(torch.cat([k_a, k_b])))
-        self.calls += 1
         return {"loss": loss, "embedding": q_a}
 
     def after_step(self, step, total_steps):
-        ema_update_(self.key_backbone, self.backbone, self.cfg.momentum)
-        ema_update_(self.key_projector, self.projector, self.cfg.momentum)
+        self.update_keys(self.cfg.momentum)
+
+
+@register("moco_v3")
+class MoCoV3(MomentumKeys):
+    """MoCo v3: a 3-layer projector ending in BatchNorm and a predictor on the query side, the
+    other keys of the global batch as negatives (no queue), and BYOL's cosine momentum schedule.
+    The default temperature is the paper's for ResNets, 1.0 (its ViTs use 0.2)."""
+
+    default_temperature = 1.0
+
+    def __init__(self, backbone, dim, cfg):
+        super().__init__(backbone, dim, cfg, mlp(dim, cfg.proj_hidden, cfg.proj_dim, layers=3, last_bn=True))
+        self.predictor = mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim) if cfg.predictor else nn.Identity()
+
+    def forward(self, views, labels=None):
+        z = self.encode(views[:2], self.backbone, self.projector)
+        q_a, q_b = self.predictor(z).chunk(2)
+        k_a, k_b = self.keys(views[:2]).chunk(2)
+        loss = moco_v3_loss(q_a, k_b, self.temperature) + moco_v3_loss(q_b, k_a, self.temperature)
+        return {"loss": loss, "embedding": z.chunk(2)[0]}
+
+    def after_step(self, step, total_steps):
+        self.update_keys(cosine_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_end))
 
 
 @register("byol")

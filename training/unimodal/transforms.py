@@ -66,8 +66,9 @@ class MultiView:
 
 def recipes(method: str, size: int, min_scale: float = 0.0, small_crops: int = 2) -> list[ViewRecipe]:
     """The views of ``method`` at crop side ``size``; ``min_scale`` 0 keeps the paper's crop."""
-    if method in ("byol", "barlow_twins"):
-        # BYOL's asymmetric pair (Barlow Twins reuses it): always blurred vs rarely blurred + solarised.
+    if method in ("byol", "barlow_twins", "moco_v3"):
+        # BYOL's asymmetric pair (Barlow Twins and MoCo v3 reuse it): always blurred vs rarely
+        # blurred + solarised.
         scale = min_scale or 0.08
         jitter = (0.4, 0.4, 0.2, 0.1)
         return [ViewRecipe(size, scale, jitter=jitter, blur_p=1.0),
