@@ -14,9 +14,7 @@ from data.s3 import S3Settings
 from data.shards import check_remote, expand_shards, split_sources
 from training.config import Config
 from training.errors import UserError
-from training.model_config import resolve_model_config
-
-MODEL_CFG_FILE = "model_cfg.json"  # beside a run's checkpoints: what open_clip builds
+from training.model_config import EXPORT_CONFIG_FILE, MODEL_CFG_FILE, resolve_model_config
 
 
 def check_inputs(cfg: Config, resume: str | None = None) -> None:
@@ -38,8 +36,8 @@ def check_inputs(cfg: Config, resume: str | None = None) -> None:
 def check_export_dir(model_dir: str | Path) -> Path:
     """``tandem eval --model``: a folder written by ``tandem export`` (open_clip's ``local-dir:``)."""
     path = Path(model_dir)
-    if not (path / "open_clip_config.json").is_file():
-        raise UserError(f"{path} is not an exported model (no open_clip_config.json)")
+    if not (path / EXPORT_CONFIG_FILE).is_file():
+        raise UserError(f"{path} is not an exported model (no {EXPORT_CONFIG_FILE})")
     return path
 
 

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 from training import distributed
-from training.checks import MODEL_CFG_FILE, check_run_dir
+from training.checks import check_run_dir
 from training.errors import UserError
 from training.model import create_model
+from training.model_config import EXPORT_CONFIG_FILE, MODEL_CFG_FILE
 
 _HF_FILES = ("*.json", "*.txt", "*.model")  # HF config and tokenizer, never its weights
 
@@ -52,7 +53,7 @@ def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, preproces
         raise UserError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "open_clip_model.safetensors"))
-    (out / "open_clip_config.json").write_text(
+    (out / EXPORT_CONFIG_FILE).write_text(
         json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
     )
     return out

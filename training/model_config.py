@@ -22,6 +22,8 @@ from training.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 REQUIRED_KEYS = frozenset({"embed_dim", "vision_cfg", "text_cfg"})
+EXPORT_CONFIG_FILE = "open_clip_config.json"  # in an export: open_clip's local-dir: layout
+MODEL_CFG_FILE = "model_cfg.json"  # beside a run's checkpoints: what open_clip builds
 
 
 def read_model_config(path: Path) -> Any:
@@ -45,7 +47,7 @@ def _open_clip_config_dir() -> Path | None:
 def named_model_config(name: str) -> dict[str, Any] | None:
     """The config registered under ``name`` (Tandem's configs first, then open_clip's), or None."""
     if name.startswith("local-dir:"):
-        return read_model_config(Path(name.removeprefix("local-dir:")) / "open_clip_config.json")
+        return read_model_config(Path(name.removeprefix("local-dir:")) / EXPORT_CONFIG_FILE)
     if name.startswith("hf-hub:"):
         import open_clip
 
