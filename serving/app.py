@@ -214,19 +214,28 @@ async def _read(files: list[UploadFile], settings: ServeSettings) -> list[bytes]
 
 
 def check_settings(settings: ServeSettings) -> None:
-    """Refuse a wrong ``--model``/``--weights``/``--index`` with one line, before the server starts."""
+    """Refuse an out-of-range flag or a wrong ``--model``/``--weights``/``--index`` with one line, before the
+    server starts."""
     from serving.engine import check_model, model_embed_dim
     from serving.index import read_manifest
     from training.errors import UserError
 
+    limits = [("--max-batch-size", settings.max_batch_size >= 1, ">= 1"),
+              ("--workers", settings.workers >= 1, ">= 1"),
+              ("--max-wait-ms", settings.max_wait_ms >= 0, ">= 0"),
+              ("--threads", settings.threads >= 0, ">= 0 (0: one per core)"),
+              ("--max-pixels", settings.max_pixels >= 1, ">= 1"),
+              ("--max-body-mb", settings.max_body_bytes >= 1, "> 0"),
+              ("--label-cache", settings.label_cache >= 1, ">= 1")]
+    for flag, ok, rule in limits:
+        if not ok:
+            raise UserError(f"{flag} must be {rule}")
     name, _ = check_model(settings.model, settings.weights)
     if settings.index:
         manifest = read_manifest(settings.index)
         dim = model_embed_dim(name)
         if dim is not None and int(manifest["dim"]) != dim:
             raise UserError(f"index {settings.index} holds {manifest['dim']}-d embeddings, the model's are {dim}-d")
-    if settings.max_batch_size < 1 or settings.workers < 1 or settings.max_wait_ms < 0:
-        raise UserError("--max-batch-size and --workers must be >= 1, --max-wait-ms >= 0")
 
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False) -> None:

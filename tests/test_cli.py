@@ -47,6 +47,27 @@ def test_unknown_config_key(good_config):
     assert_one_line_error(tandem("train", "--config", good_config("batchsize = 3")), "data.batchsize")
 
 
+def test_out_of_range_knob_fails_before_training(good_config):
+    proc = tandem("train", "--config", good_config(), "--set", "method.name=byol", "--set", "method.knn_k=0")
+    assert_one_line_error(proc, "method.knn_k must be >= 1, got 0")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["demo", "--nproc", "-1"], "argument --nproc: must be >= 1, got -1"),
+    (["serve", "--model", "m", "--port", "70000"], "argument --port: must be 0 to 65535, got 70000"),
+    (["index", "--model", "m", "--data", "d", "--out", "o", "--hnsw-m", "0"], "argument --hnsw-m: must be >= 2"),
+    (["eval", "--model", "m", "--data", "d", "--classes", "c", "--batch-size", "x"], "expected an integer, got 'x'"),
+    (["data", "shards", "--input", "i", "--out", "o", "--quality", "500"], "argument --quality: must be 1 to 100"),
+    (["data", "synth", "--out", "d", "--train-samples", "0"], "argument --train-samples: must be >= 1, got 0"),
+])
+def test_out_of_range_flags_are_usage_errors(args, needle):
+    proc = tandem(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tandem {' '.join(args[:2 if args[0] == 'data' else 1])}: error:") and needle in last, \
+        proc.stderr
+
+
 def test_missing_config_file(tmp_path):
     assert_one_line_error(tandem("train", "--config", str(tmp_path / "no.toml")), "config file not found")
 
@@ -66,7 +87,6 @@ def test_eval_and_export_of_wrong_directories(tmp_path, synth_data):
                                  "--classes", str(synth_data / "classes.json")), "nowhere-0.tar")
     assert_one_line_error(tandem("eval", "--model", str(tmp_path), "--data", str(synth_data / "test"),
                                  "--classes", str(tmp_path / "missing.json")), "classes file not found")
-    assert_one_line_error(tandem("data", "synth", "--out", str(tmp_path / "d"), "--train-samples", "0"), "train_samples")
 
 
 def test_data_synth_writes_the_framing_asked_for(tmp_path):

@@ -1,5 +1,6 @@
 import pytest
 
+from tests.conftest import ROOT
 from training import config
 from training.errors import UserError
 
@@ -48,3 +49,37 @@ def test_bad_override_and_values():
         config.load(None, ["train.zero_stage=4", "data.train_shards=x"]).validate()
     with pytest.raises(UserError, match="train_shards"):
         config.load(None).validate()
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("data.eval_batch_size=0", "data.eval_batch_size must be >= 1, got 0"),
+    ("data.shuffle_buffer=-1", "data.shuffle_buffer must be >= 0"),
+    ("optim.beta2=1.0", "optim.beta2 must be in [0, 1), got 1.0"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be in [0, 1]"),
+    ("optim.eps=0", "optim.eps must be > 0"),
+    ("train.seed=-1", "train.seed must be >= 0"),
+    ("train.log_every=0", "train.log_every must be >= 1"),  # a modulo by zero mid-run otherwise
+    ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),  # would delete the latest one
+    ("train.metrics_port=70000", "train.metrics_port must be a port"),
+    ("method.knn_k=0", "method.knn_k must be >= 1"),
+    ("method.momentum=1.5", "method.momentum must be in [0, 1]"),
+    ("method.queue_size=0", "method.queue_size must be >= 1"),
+    ("method.sinkhorn_epsilon=0", "method.sinkhorn_epsilon must be > 0"),
+    ("method.crop_min_scale=1.2", "method.crop_min_scale must be in [0, 1]"),
+    ("method.name=xyz", "method.name must be one of clip, simclr"),
+])
+def test_out_of_range_values_are_named_before_a_run_starts(override, needle):
+    cfg = config.load(None, [override, "data.train_shards=x"])
+    with pytest.raises(UserError) as info:
+        cfg.validate()
+    assert needle in str(info.value)
+
+
+def test_every_rule_names_a_real_knob_and_accepts_the_default():
+    defaults = config.load(None, ["data.train_shards=x"])
+    for key, ok, rule in config._RULES:
+        section, _, name = key.partition(".")
+        assert ok(getattr(getattr(defaults, section), name)), (key, rule)
+    # the demo configs pass as well
+    for path in sorted((ROOT / "training" / "configs").glob("*.toml")):
+        config.load(path, ["data.train_shards=x"]).validate()

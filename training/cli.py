@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from data.framings import FRAMINGS
@@ -18,6 +19,22 @@ from training.config import METHOD_NAMES
 from training.errors import UserError
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` (to ``high``), else argparse's one-line error."""
+    rule = f">= {low}" if high is None else f"{low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,9 +45,9 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="synthetic data -> 2-process DeepSpeed training -> eval -> export")
     demo.add_argument("--out", default="demo_out", help="output directory (default: ./demo_out)")
-    demo.add_argument("--nproc", type=int, default=2, help="local training processes (default: 2)")
-    demo.add_argument("--train-samples", type=int, default=20000)
-    demo.add_argument("--test-samples", type=int, default=2000)
+    demo.add_argument("--nproc", type=_int_in(1), default=2, help="local training processes (default: 2)")
+    demo.add_argument("--train-samples", type=_int_in(1), default=20000)
+    demo.add_argument("--test-samples", type=_int_in(1), default=2000)
     demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override the demo config (training/configs/demo.toml, or <method>.toml)")
     demo.add_argument("--method", default="clip",
@@ -44,13 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="TOML file with the deltas from the defaults")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     train.add_argument("--resume", help="'latest' or a checkpoint tag in the run directory")
-    train.add_argument("--nproc", type=int, default=1, help="start N local processes (torchrun)")
+    train.add_argument("--nproc", type=_int_in(1), default=1, help="start N local processes (torchrun)")
 
     ev = sub.add_parser("eval", help="zero-shot classification and retrieval of an exported model")
     ev.add_argument("--model", required=True, help="export directory (open_clip local-dir format)")
     ev.add_argument("--data", required=True, help="test shards: a directory or a brace pattern")
     ev.add_argument("--classes", required=True, help="classes.json with classes and templates")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--batch-size", type=_int_in(1), default=256)
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
     ex = sub.add_parser("export", help="consolidated fp32 open_clip export of a checkpoint")
@@ -64,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--weights", help=".safetensors weights for a model name or config (pickle is refused)")
     serve.add_argument("--index", help="index directory written by `tandem index` (for /v1/search)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_int_in(0, 65535), default=8000)
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     serve.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass (1: no batching)")
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch")
@@ -82,10 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--out", required=True, help="index directory (resumes an unfinished one)")
     index.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat",
                        help="flat: exact; ivf or hnsw: approximate, for millions of items")
-    index.add_argument("--nlist", type=int, default=0, help="IVF lists (0: about 4*sqrt(N))")
-    index.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node")
-    index.add_argument("--batch-size", type=int, default=256)
-    index.add_argument("--chunk-size", type=int, default=8192, help="embeddings per resumable chunk")
+    index.add_argument("--nlist", type=_int_in(0), default=0, help="IVF lists (0: about 4*sqrt(N))")
+    index.add_argument("--hnsw-m", type=_int_in(2), default=32, help="HNSW neighbours per node")
+    index.add_argument("--batch-size", type=_int_in(1), default=256)
+    index.add_argument("--chunk-size", type=_int_in(1), default=8192, help="embeddings per resumable chunk")
     index.add_argument("--device", default="auto")
     index.add_argument("--overwrite", action="store_true", help="rebuild a finished index")
 
@@ -93,23 +110,23 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the procedural image-caption shards")
     synth.add_argument("--out", required=True)
-    synth.add_argument("--train-samples", type=int, default=20000)
-    synth.add_argument("--test-samples", type=int, default=2000)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--train-samples", type=_int_in(1), default=20000)
+    synth.add_argument("--test-samples", type=_int_in(1), default=2000)
+    synth.add_argument("--seed", type=_int_in(0), default=0)
+    synth.add_argument("--image-size", type=_int_in(16), default=64)
     synth.add_argument("--framing", choices=tuple(FRAMINGS), default="scene",
                        help="small shapes in scenes (default) or large object-centric shapes")
     shards = data_sub.add_parser("shards", help="write img2dataset-layout shards from images + captions")
     shards.add_argument("--input", required=True,
                         help="folder of images with caption sidecars (a.jpg + a.txt), or a .csv/.tsv/.parquet table")
     shards.add_argument("--out", required=True, help="output folder or s3://bucket/prefix (reruns resume)")
-    shards.add_argument("--samples-per-shard", type=int, default=10000)
-    shards.add_argument("--max-size", type=int, default=0, help="downscale longer sides above this (0: keep)")
-    shards.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    shards.add_argument("--samples-per-shard", type=_int_in(1), default=10000)
+    shards.add_argument("--max-size", type=_int_in(0), default=0, help="downscale longer sides above this (0: keep)")
+    shards.add_argument("--quality", type=_int_in(1, 100), default=95, help="JPEG quality of re-encoded images")
     shards.add_argument("--csv-img-key", default="filepath")
     shards.add_argument("--csv-caption-key", default="caption")
     shards.add_argument("--csv-separator", help="default: tab for .tsv, comma for .csv")
-    shards.add_argument("--workers", type=int, default=1, help="processes encoding shards in parallel")
+    shards.add_argument("--workers", type=_int_in(1), default=1, help="processes encoding shards in parallel")
     shards.add_argument("--s3-endpoint-url", default="", help="S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
     return parser
 

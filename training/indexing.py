@@ -166,6 +166,8 @@ def build_index(model: str, shards: str, out: Path, *, weights: str | None = Non
         raise UserError(f"unknown index kind '{kind}' (one of {', '.join(KINDS)})")
     if batch_size < 1 or chunk_size < 1:
         raise UserError("--batch-size and --chunk-size must be >= 1")
+    if nlist < 0 or hnsw_m < 2:  # faiss aborts the process on an HNSW with fewer than 2 links
+        raise UserError(f"--nlist must be >= 0 and --hnsw-m >= 2, got {nlist} and {hnsw_m}")
     out = Path(out)
     if (out / MANIFEST_FILE).is_file():
         if not overwrite:
