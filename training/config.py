@@ -225,71 +225,81 @@ class Config:
 LOSS_IMPLS = ("gather", "tiled", "siglip")
 
 
-def _at_least(low: float) -> Callable[[Any], bool]:
-    return lambda value: value >= low
+Rule = tuple[Callable[[Any], bool], str]  # the test, and the rule as the error states it
 
 
-def _above(low: float) -> Callable[[Any], bool]:
-    return lambda value: value > low
+def _at_least(low: float, note: str = "") -> Rule:
+    return (lambda value: value >= low), f">= {low}" + (f" ({note})" if note else "")
 
 
-def _fraction(value: float) -> bool:
-    return 0 <= value <= 1
+def _above(low: float, note: str = "") -> Rule:
+    return (lambda value: value > low), f"> {low}" + (f" ({note})" if note else "")
 
 
-# (section.key, test, the rule as the error states it): every range a knob has, checked up front so a
-# mistyped value fails in one line instead of minutes into a run. Knobs whose 0 means "default" or "off"
-# accept 0.
+def _within(low: float, high: float, text: str) -> Rule:
+    return (lambda value: low <= value <= high), text
+
+
+def _below_one(value: float) -> bool:
+    return 0 <= value < 1
+
+
+def _one_of(values: tuple, text: str = "") -> Rule:
+    return (lambda value: value in values), text or "one of " + ", ".join(map(str, values))
+
+
+# Every range a knob has, checked up front so a mistyped value fails in one line instead of minutes
+# into a run. Knobs whose 0 means "default" or "off" accept 0.
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("data.train_num_samples", _at_least(0), ">= 0"),
-    ("data.batch_size", _at_least(1), ">= 1"),
-    ("data.eval_batch_size", _at_least(1), ">= 1"),
-    ("data.workers", _at_least(0), ">= 0"),
-    ("data.shuffle_buffer", _at_least(0), ">= 0"),
-    ("data.s3_retry_seconds", _at_least(0), ">= 0"),
-    ("model.context_length", _at_least(0), ">= 0 (0 keeps the model's)"),
-    ("loss.impl", lambda value: value in LOSS_IMPLS, "one of " + ", ".join(LOSS_IMPLS)),
-    ("loss.tile_size", _at_least(1), ">= 1"),
-    ("loss.init_temperature", _at_least(0), "> 0 (or 0 for the loss's default)"),
-    ("loss.max_logit_scale", _above(0), "> 0"),
-    ("optim.lr", _above(0), "> 0"),
-    ("optim.weight_decay", _at_least(0), ">= 0"),
-    ("optim.beta1", lambda value: 0 <= value < 1, "in [0, 1)"),
-    ("optim.beta2", lambda value: 0 <= value < 1, "in [0, 1)"),
-    ("optim.eps", _above(0), "> 0"),
-    ("optim.warmup_steps", _at_least(0), ">= 0"),
-    ("optim.min_lr_ratio", _fraction, "in [0, 1]"),
-    ("optim.grad_clip", _at_least(0), ">= 0 (0 disables it)"),
-    ("train.steps", _at_least(1), ">= 1"),
-    ("train.seed", _at_least(0), ">= 0"),
-    ("train.zero_stage", lambda value: value in (0, 1, 2, 3), "0, 1, 2 or 3"),
-    ("train.precision", lambda value: value in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
-    ("train.log_every", _at_least(1), ">= 1"),
-    ("train.checkpoint_every", _at_least(0), ">= 0 (0: only the final checkpoint)"),
-    ("train.keep_checkpoints", _at_least(1), ">= 1"),
-    ("train.eval_every", _at_least(0), ">= 0 (0: only at the end)"),
-    ("train.metrics_port", lambda value: 0 <= value <= 65535, "a port, 1 to 65535 (or 0 for none)"),
-    ("train.stop_at", _at_least(0), ">= 0"),
-    ("train.accum_steps", _at_least(1), ">= 1"),
-    ("method.name", lambda value: value in METHOD_NAMES, "one of " + ", ".join(METHOD_NAMES)),
-    ("method.temperature", _at_least(0), "> 0 (or 0 for the paper's)"),
-    ("method.proj_hidden", _at_least(1), ">= 1"),
-    ("method.proj_dim", _at_least(1), ">= 1"),
-    ("method.momentum", _fraction, "in [0, 1]"),
-    ("method.momentum_end", _fraction, "in [0, 1]"),
-    ("method.queue_size", _at_least(1), ">= 1"),
-    ("method.barlow_lambda", _at_least(0), ">= 0"),
-    ("method.prototypes", _at_least(1), ">= 1"),
-    ("method.sinkhorn_iters", _at_least(1), ">= 1"),
-    ("method.sinkhorn_epsilon", _above(0), "> 0"),
-    ("method.small_crops", _at_least(0), ">= 0"),
-    ("method.image_size", _at_least(0), ">= 0 (0 keeps the model's)"),
-    ("method.crop_min_scale", _fraction, "in [0, 1] (0 for the paper's)"),
-    ("method.knn_k", _at_least(1), ">= 1"),
-    ("method.knn_temperature", _above(0), "> 0"),
-    ("method.linear_steps", _at_least(1), ">= 1"),
-    ("method.eval_train_samples", _at_least(1), ">= 1"),
-    ("method.collapse_threshold", _at_least(0), ">= 0"),
+    ("data.train_num_samples", *_at_least(0)),
+    ("data.batch_size", *_at_least(1)),
+    ("data.eval_batch_size", *_at_least(1)),
+    ("data.workers", *_at_least(0)),
+    ("data.shuffle_buffer", *_at_least(0)),
+    ("data.s3_retry_seconds", *_at_least(0)),
+    ("model.context_length", *_at_least(0, "0 keeps the model's")),
+    ("loss.impl", *_one_of(LOSS_IMPLS)),
+    ("loss.tile_size", *_at_least(1)),
+    ("loss.init_temperature", *_at_least(0, "0: the loss's default")),
+    ("loss.max_logit_scale", *_above(0)),
+    ("optim.lr", *_above(0)),
+    ("optim.weight_decay", *_at_least(0)),
+    ("optim.beta1", _below_one, "in [0, 1)"),
+    ("optim.beta2", _below_one, "in [0, 1)"),
+    ("optim.eps", *_above(0)),
+    ("optim.warmup_steps", *_at_least(0)),
+    ("optim.min_lr_ratio", *_within(0, 1, "in [0, 1]")),
+    ("optim.grad_clip", *_at_least(0, "0 disables it")),
+    ("train.steps", *_at_least(1)),
+    ("train.seed", *_at_least(0)),
+    ("train.zero_stage", *_one_of((0, 1, 2, 3), "0, 1, 2 or 3")),
+    ("train.precision", *_one_of(("auto", "fp32", "bf16"), "auto, fp32 or bf16")),
+    ("train.log_every", *_at_least(1)),
+    ("train.checkpoint_every", *_at_least(0, "0: only the final checkpoint")),
+    ("train.keep_checkpoints", *_at_least(1)),
+    ("train.eval_every", *_at_least(0, "0: only at the end")),
+    ("train.metrics_port", *_within(0, 65535, "a port, 1 to 65535 (or 0 for none)")),
+    ("train.stop_at", *_at_least(0)),
+    ("train.accum_steps", *_at_least(1)),
+    ("method.name", *_one_of(METHOD_NAMES)),
+    ("method.temperature", *_at_least(0, "0: the paper's")),
+    ("method.proj_hidden", *_at_least(1)),
+    ("method.proj_dim", *_at_least(1)),
+    ("method.momentum", *_within(0, 1, "in [0, 1]")),
+    ("method.momentum_end", *_within(0, 1, "in [0, 1]")),
+    ("method.queue_size", *_at_least(1)),
+    ("method.barlow_lambda", *_at_least(0)),
+    ("method.prototypes", *_at_least(1)),
+    ("method.sinkhorn_iters", *_at_least(1)),
+    ("method.sinkhorn_epsilon", *_above(0)),
+    ("method.small_crops", *_at_least(0)),
+    ("method.image_size", *_at_least(0, "0 keeps the model's")),
+    ("method.crop_min_scale", *_within(0, 1, "in [0, 1] (0 for the paper's)")),
+    ("method.knn_k", *_at_least(1)),
+    ("method.knn_temperature", *_above(0)),
+    ("method.linear_steps", *_at_least(1)),
+    ("method.eval_train_samples", *_at_least(1)),
+    ("method.collapse_threshold", *_at_least(0)),
 )
 _SECTION_TYPES = {f.name: type(f.default_factory()) for f in fields(Config)}
 
