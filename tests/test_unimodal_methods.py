@@ -1,14 +1,17 @@
 """Methods and their parts: every registered method trains a step, MoCo's queue, momentum targets,
 the collapse monitor, multi-view transforms and the kNN / linear-probe evaluation."""
 
+import copy
+
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
 from training.config import METHOD_NAMES, MethodConfig, OptimConfig
+from training.distributed import batch_norms_with_fp32_statistics
 from training.optim import build_optimizer
-from training.unimodal import methods as methods_mod
+from training.unimodal import methods as methods_mod, parts
 from training.unimodal.evaluate import collapse_stats, is_collapsed, knn_top1, linear_probe_top1
 from training.unimodal.methods import METHODS, build_method
 from training.unimodal.parts import KeyQueue, cosine_momentum, split_views
@@ -109,6 +112,56 @@ def test_targets_take_no_gradient_and_follow_the_ema_exactly(name):
     assert cosine_momentum(10, 10, 0.99, 1.0) == pytest.approx(1.0)
     assert cosine_momentum(5, 10, 0.99, 1.0) == pytest.approx(0.995)
 
+
+
+def test_bf16_targets_follow_the_fp32_ema():
+    """Under bf16 every parameter is bf16, the frozen target's too; the average must still move it.
+    In bf16 itself ``t += 0.004 * (o - t)`` rounds away whenever the step is under half a unit in the
+    last place, and the target stays where it started."""
+    torch.manual_seed(0)
+    online = nn.Linear(64, 64)
+    target = parts.frozen_copy(online).bfloat16()
+    reference = [p.detach().float() for p in target.parameters()]  # fp32 EMA from the same start
+    naive = [p.detach().clone() for p in target.parameters()]  # the same EMA done in bf16
+    for _ in range(60):
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        parts.ema_update_(target, online, 0.996)
+        for r, b, o in zip(reference, naive, online.parameters()):
+            r.mul_(0.996).add_(o.detach(), alpha=0.004)
+            b.mul_(0.996).add_(o.detach().bfloat16(), alpha=0.004)
+    for t, r, b in zip(target.parameters(), reference, naive):
+        assert t.dtype == torch.bfloat16
+        assert torch.equal(t, r.bfloat16())  # the fp32 average, rounded once
+        assert (b.float() - r.bfloat16().float()).abs().max() > 10 * (t.float() - r).abs().max()  # the naive one drifts
+
+
+def test_bf16_batch_norms_keep_fp32_statistics():
+    """DeepSpeed's bf16 casts parameters, not buffers: BatchNorm then holds bf16 weights and fp32
+    statistics, which CUDA's kernels refuse. Patched layers normalise with the affine upcast, keep
+    fp32 statistics and match an fp32 layer to bf16 rounding, in training and in eval."""
+    torch.manual_seed(0)
+    for layer, shape in ((nn.BatchNorm2d(4), (8, 4, 5, 5)), (nn.BatchNorm1d(4, momentum=None), (8, 4))):
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+        low = nn.Sequential(copy.deepcopy(layer), nn.BatchNorm1d(4, affine=False) if len(shape) == 2 else nn.Identity())
+        reference = nn.Sequential(layer, copy.deepcopy(low[1]))
+        for p in low.parameters():
+            p.data = p.data.bfloat16()
+        assert batch_norms_with_fp32_statistics(low) == 1  # the affine-free layer needs no patch
+        for mode in ("train", "train", "train", "eval"):
+            low.train(mode == "train")
+            reference.train(mode == "train")
+            x = torch.randn(shape)
+            out = low(x.bfloat16())
+            assert out.dtype == torch.bfloat16
+            assert torch.allclose(out.float(), reference(x), atol=0.05), mode
+        assert low[0].running_var.dtype == torch.float32
+        assert torch.allclose(low[0].running_var, layer.running_var, rtol=0.02)
+        assert int(low[0].num_batches_tracked) == 3
+        assert copy.deepcopy(low)[0].forward.__self__ is not low[0]  # a copy (a momentum target) keeps its own
 
 def _train(method, steps: int) -> dict:
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5, momentum=0.9)

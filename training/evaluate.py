@@ -130,5 +130,6 @@ def evaluate_export(model_dir: str, shards: str, classes_path: str, *, batch_siz
     tok = open_clip.get_tokenizer(f"local-dir:{path}")
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    return evaluate(model, tok, preprocess, shards=shards, classes_path=classes_path, image_size=image_size,
-                    batch_size=batch_size, device=distributed.device())
+    device = distributed.device()
+    return evaluate(model.to(device), tok, preprocess, shards=shards, classes_path=classes_path,
+                    image_size=image_size, batch_size=batch_size, device=device)

@@ -31,6 +31,7 @@ def embed_images(backbone: torch.nn.Module, shards: str, transform: Callable, *,
     are dropped. No forward is a collective, so ranks may hold different numbers of batches.
     """
     device = device or distributed.device()
+    backbone.to(device)  # a no-op for the training run's own module; an export loads on the CPU
     world = distributed.world_size()
     spec = StreamSpec(urls=expand_shards(shards), batch_size=batch_size, rank=distributed.rank(), world=world,
                       workers=1, train=False)

@@ -63,9 +63,24 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """``target = momentum * target + (1 - momentum) * online``, parameters only (a target's
-    BatchNorm statistics come from its own forward passes, as in MoCo and BYOL)."""
-    for t, o in zip(target.parameters(), online.parameters()):
-        t.mul_(momentum).add_(o.detach().to(t.dtype), alpha=1 - momentum)
+    BatchNorm statistics come from its own forward passes, as in MoCo and BYOL).
+
+    Under bf16 (DeepSpeed casts every parameter, the frozen target's too) the average runs on an
+    fp32 copy of the target, made from its weights on first use, and the target's weights are that
+    copy rounded: in bf16 itself a step of ``1 - momentum`` (0.01 down to 0) times the difference is
+    mostly below half a unit in the last place, so the target would stop following.
+    """
+    params = list(target.parameters())
+    if all(t.dtype == torch.float32 for t in params):
+        for t, o in zip(params, online.parameters()):
+            t.mul_(momentum).add_(o.detach().float(), alpha=1 - momentum)
+        return
+    masters = target.__dict__.get("_ema_fp32")
+    if masters is None:
+        masters = target.__dict__["_ema_fp32"] = [t.detach().float() for t in params]
+    for t, m, o in zip(params, masters, online.parameters()):
+        m.mul_(momentum).add_(o.detach().float(), alpha=1 - momentum)
+        t.copy_(m)
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, end: float = 1.0) -> float:
