@@ -146,3 +146,18 @@ def test_model_names_resolve_as_open_clip_resolves_them():
     for name in names:
         assert named_model_config(name) == open_clip.get_model_config(name), name
     assert named_model_config("ViT-Q-99") is None
+
+
+def test_processes_per_node_follow_the_gpus():
+    """On a GPU node each local process takes the GPU of its LOCAL_RANK: the demo starts one per GPU
+    (at most 2), and asking for more processes than GPUs is a one-line error, not a CUDA crash in rank 1."""
+    from training.launch import check_nproc, default_nproc
+    from training.errors import UserError
+
+    assert [default_nproc(gpus) for gpus in (0, 1, 2, 8)] == [2, 1, 2, 2]
+    for nproc, gpus in ((2, 0), (1, 1), (2, 2), (4, 8)):
+        check_nproc(nproc, gpus)
+    with pytest.raises(UserError, match=r"--nproc 2 starts one process per GPU, but 1 GPU is visible: use --nproc 1"):
+        check_nproc(2, 1)
+    with pytest.raises(UserError, match="but 4 GPUs are visible: use --nproc 4"):
+        check_nproc(8, 4)

@@ -43,3 +43,16 @@ def test_each_framing_has_its_own_dataset_and_a_mismatch_is_regenerated(tmp_path
     ensure_dataset(scene, 24, 12, "object")
     assert "regenerating" in capsys.readouterr().out
     assert json.loads((scene / "classes.json").read_text())["framing"] == "object"
+
+
+def test_demo_keeps_its_global_batch_whatever_the_processes(capsys):
+    """The demo configs are written for 2 processes; one GPU (1 process) trains the same global batch."""
+    from training.demo import DEMO_CONFIG, DEMO_NPROC, demo_config
+    from training.unimodal.demo import method_config
+
+    for config in (DEMO_CONFIG, method_config("simclr")):
+        written = demo_config(config, [], DEMO_NPROC).data.batch_size
+        assert demo_config(config, [], 1).data.batch_size == 2 * written
+        assert demo_config(config, [], 4).data.batch_size == written // 2
+        assert demo_config(config, ["data.batch_size=24"], 1).data.batch_size == 24  # the user's batch stands
+    assert "1 process: batch 256 per process (the demo's global batch is 256)" in capsys.readouterr().out

@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="synthetic data -> 2-process DeepSpeed training -> eval -> export")
     demo.add_argument("--out", default="demo_out", help="output directory (default: ./demo_out)")
-    demo.add_argument("--nproc", type=_int_in(1), default=2, help="local training processes (default: 2)")
+    demo.add_argument("--nproc", type=_int_in(1),
+                      help="local training processes (default: 2; on a GPU node one per GPU, at most 2)")
     demo.add_argument("--train-samples", type=_int_in(1), default=20000)
     demo.add_argument("--test-samples", type=_int_in(1), default=2000)
     demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -261,7 +262,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
+    from training.launch import default_nproc, gpu_count
 
+    args.nproc = args.nproc or default_nproc(gpu_count())
     framing = args.framing or ("scene" if args.method == "clip" else "object")
     if args.method != "clip":
         from training.unimodal.demo import run_method_demo

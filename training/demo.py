@@ -11,6 +11,7 @@ from training import config as config_mod
 from training.errors import UserError
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
+DEMO_NPROC = 2  # the demo configs are written for this many processes (the CPU default)
 EVAL_KEYS = (
     "zero_shot_top1", "zero_shot_top5",
     "image_to_text_recall@1", "image_to_text_recall@5", "image_to_text_recall@10",
@@ -47,6 +48,23 @@ def ensure_dataset(data_dir: Path, train_samples: int, test_samples: int, framin
           f"({time.time() - start:.0f}s)")
 
 
+def demo_config(config: Path, overrides: list[str], nproc: int) -> config_mod.Config:
+    """``config`` with ``overrides``, its per-process batch scaled so that ``nproc`` processes train
+    the global batch it was written for (``DEMO_NPROC`` processes), unless the overrides set the batch.
+
+    One GPU then trains the two CPU processes' samples in one process: the demos' figures depend
+    on the global batch (simclr at 64 instead of 128 gained +0.02 kNN instead of +0.41).
+    """
+    cfg = config_mod.load(config, overrides)
+    if nproc == DEMO_NPROC or any(o.partition("=")[0].strip() == "data.batch_size" for o in overrides):
+        return cfg
+    global_batch = cfg.data.batch_size * DEMO_NPROC
+    cfg = config_mod.load(config, [f"data.batch_size={max(1, global_batch // nproc)}"] + overrides)
+    print(f"{nproc} process{'es' * (nproc > 1)}: batch {cfg.data.batch_size} per process "
+          f"(the demo's global batch is {global_batch})")
+    return cfg
+
+
 def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: int, test_samples: int,
                        overrides: list[str], framing: str):
     """Generate (or reuse) the synthetic shards of ``framing`` under ``data_dir_for(OUT, framing)``, then
@@ -65,7 +83,7 @@ def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: in
         f'data.classes="{data_dir}/classes.json"',
         f'train.run_dir="{run_dir}"',
     ]
-    cfg = config_mod.load(config, paths + list(overrides))
+    cfg = demo_config(config, paths + list(overrides), nproc)
     check_inputs(cfg)
     config_file = out / "demo.toml"
     config_file.write_text(config_mod.to_toml(cfg))

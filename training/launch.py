@@ -9,6 +9,9 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
+
+from training.errors import UserError
 
 
 def free_port() -> int:
@@ -22,8 +25,32 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def gpu_count() -> int:
+    """CUDA devices this process sees (``CUDA_VISIBLE_DEVICES`` applies); 0 where no NVIDIA driver is
+    loaded, which is found without importing torch."""
+    if not Path("/proc/driver/nvidia").exists():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def default_nproc(gpus: int, cpu_default: int = 2) -> int:
+    """Processes for a demo: ``cpu_default`` on CPU, one per GPU up to that on a GPU node."""
+    return min(cpu_default, gpus) if gpus else cpu_default
+
+
+def check_nproc(nproc: int, gpus: int) -> None:
+    """On a GPU node each local process drives the GPU of its ``LOCAL_RANK``: no more processes than GPUs."""
+    if gpus and nproc > gpus:
+        raise UserError(f"--nproc {nproc} starts one process per GPU, but {gpus} GPU{'s' * (gpus > 1)} "
+                        f"{'are' if gpus > 1 else 'is'} visible: use --nproc {gpus} "
+                        "(or CUDA_VISIBLE_DEVICES= to run on CPU)")
+
+
 def run_local(nproc: int, argv: list[str]) -> int:
     """Run ``tandem <argv>`` in ``nproc`` processes on this machine; returns the exit status."""
+    check_nproc(nproc, gpu_count())
     env = dict(os.environ)
     # One intra-op thread per process by default: N processes already share the cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
