@@ -154,7 +154,7 @@ def test_processes_per_node_follow_the_gpus():
     from training.launch import check_nproc, default_nproc
     from training.errors import UserError
 
-    assert [default_nproc(gpus) for gpus in (0, 1, 2, 8)] == [2, 1, 2, 2]
+    assert [default_nproc(gpus, 2) for gpus in (0, 1, 2, 8)] == [2, 1, 2, 2]
     for nproc, gpus in ((2, 0), (1, 1), (2, 2), (4, 8)):
         check_nproc(nproc, gpus)
     with pytest.raises(UserError, match=r"--nproc 2 starts one process per GPU, but 1 GPU is visible: use --nproc 1"):

@@ -261,10 +261,10 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from training.demo import run_demo
+    from training.demo import DEMO_NPROC, run_demo
     from training.launch import default_nproc, gpu_count
 
-    args.nproc = args.nproc or default_nproc(gpu_count())
+    args.nproc = args.nproc or default_nproc(gpu_count(), DEMO_NPROC)
     framing = args.framing or ("scene" if args.method == "clip" else "object")
     if args.method != "clip":
         from training.unimodal.demo import run_method_demo

@@ -35,7 +35,7 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def default_nproc(gpus: int, cpu_default: int = 2) -> int:
+def default_nproc(gpus: int, cpu_default: int) -> int:
     """Processes for a demo: ``cpu_default`` on CPU, one per GPU up to that on a GPU node."""
     return min(cpu_default, gpus) if gpus else cpu_default
 
