@@ -85,7 +85,7 @@ def _profile(step, path: Path) -> None:
         _sync()
     table = prof.key_averages()
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    path.write_text(table.table(sort_by=sort, row_limit=40) + "\n" + table.table(sort_by="cpu_time_total", row_limit=40))
+    path.write_text("\n".join(table.table(sort_by=key, row_limit=40) for key in (sort, "cpu_time_total")))
 
 
 def _reset_memory() -> None:
@@ -114,13 +114,14 @@ def run_tandem(args, images, texts, run_dir: str) -> dict:
     times, loss = _time(lambda: trainer.train_step(batch), args.warmup, args.steps)
     if args.profile:
         _profile(lambda: trainer.train_step(batch), Path(args.profile) / "profile-tandem.txt")
-    result = {"times": times, "loss": loss, "peak_gib": _peak_gib(),
+    result = {"times": times, "loss": loss, "peak_gib": _peak_gib(), "bf16": trainer.bf16,
               "precision": "bf16 (DeepSpeed, ZeRO-1, fp32 master)" if trainer.bf16 else "fp32 (DeepSpeed)"}
     del trainer, batch
     return result
 
 
-def run_open_clip(args, images, texts, model_cfg: dict) -> dict:
+def run_open_clip(args, images, texts, model_cfg: dict, amp: bool) -> dict:
+    """open_clip_train's step; ``amp``: its ``amp_bf16`` precision (when Tandem's run is bf16), else fp32."""
     from open_clip.loss import ClipLoss
 
     device = images.device
@@ -129,7 +130,6 @@ def run_open_clip(args, images, texts, model_cfg: dict) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, defaults.optim.weight_decay, 100.0), lr=args.lr,
                                   betas=(defaults.optim.beta1, defaults.optim.beta2), eps=defaults.optim.eps)
     loss_fn = ClipLoss()
-    amp = args.bf16
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -147,7 +147,8 @@ def run_open_clip(args, images, texts, model_cfg: dict) -> dict:
     if args.profile:
         _profile(step, Path(args.profile) / "profile-open_clip.txt")
     result = {"times": times, "loss": loss, "peak_gib": _peak_gib(),
-              "precision": "amp_bf16 (torch.autocast)" if amp else "fp32"}
+              "precision": "amp_bf16 (torch.autocast)" if amp else "fp32",
+              "params": sum(p.numel() for p in model.parameters())}
     del model, optimizer
     return result
 
@@ -164,10 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Tandem's train.precision; open_clip gets amp_bf16 when Tandem runs bf16")
     parser.add_argument("--profile", metavar="DIR", help="also write each side's torch.profiler op table here")
     args = parser.parse_args(argv)
-    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.cuda.is_available())
 
     distributed.init()
-    distributed._quiet_deepspeed()
     device = distributed.device()
     model_cfg = resolve_model_config(config_mod.ModelConfig(name=args.model))
     images, texts = _batch(model_cfg, args.batch, device)
@@ -177,10 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
             for name in ("tandem", "open_clip"):
                 _reset_memory()
                 torch.manual_seed(0)
-                if name == "tandem":
+                if name == "tandem":  # first in each round: the peer takes its precision from it
                     result = run_tandem(args, images, texts, os.path.join(tmp, f"run{round_}"))
                 else:
-                    result = run_open_clip(args, images, texts, model_cfg)
+                    result = run_open_clip(args, images, texts, model_cfg, amp=rounds["tandem"][-1]["bf16"])
                 result["median_s"] = statistics.median(result.pop("times"))
                 rounds[name].append(result)
                 print(f"round {round_ + 1}: {name:9s} {result['median_s'] * 1e3:8.1f} ms/step "
@@ -188,9 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
                       f"peak {result['peak_gib']} GiB, loss {result['loss']:.3f})", flush=True)
     best = {name: min(rs, key=lambda r: r["median_s"]) for name, rs in rounds.items()}
     tandem, peer = best["tandem"], best["open_clip"]
-    params = sum(p.numel() for p in create_model(model_cfg).parameters())
     out = {
-        "model": args.model, "params_m": round(params / 1e6, 1), "batch": args.batch,
+        "model": args.model, "params_m": round(peer["params"] / 1e6, 1), "batch": args.batch,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
         "samples_per_s": round(args.batch / tandem["median_s"], 1),
@@ -199,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_ms": round(tandem["median_s"] * 1e3, 1), "open_clip_step_ms": round(peer["median_s"] * 1e3, 1),
         "peak_gib": tandem["peak_gib"], "open_clip_peak_gib": peer["peak_gib"],
         "precision": tandem["precision"], "open_clip_precision": peer["precision"],
-        "loss_finite": all(map(lambda r: r["loss"] == r["loss"], rounds["tandem"] + rounds["open_clip"])),
+        "loss_finite": all(math.isfinite(r["loss"]) for r in rounds["tandem"] + rounds["open_clip"]),
         "torch": torch.__version__,
     }
     print(json.dumps(out))

@@ -59,7 +59,7 @@ def demo_config(config: Path, overrides: list[str], nproc: int) -> config_mod.Co
     if nproc == DEMO_NPROC or any(o.partition("=")[0].strip() == "data.batch_size" for o in overrides):
         return cfg
     global_batch = cfg.data.batch_size * DEMO_NPROC
-    cfg = config_mod.load(config, [f"data.batch_size={max(1, global_batch // nproc)}"] + overrides)
+    cfg = config_mod.from_dict({"data": {"batch_size": max(1, global_batch // nproc)}}, cfg)
     print(f"{nproc} process{'es' * (nproc > 1)}: batch {cfg.data.batch_size} per process "
           f"(the demo's global batch is {global_batch})")
     return cfg

@@ -99,6 +99,7 @@ def evaluate(model, tokenizer: Callable, eval_transform: Callable, *, shards: st
              image_size: int, batch_size: int = 256, device=None, dtype=torch.float32) -> dict[str, float]:
     """Evaluate ``model`` (an open_clip module, possibly inside a DeepSpeed engine) on ``shards``."""
     device = device or distributed.device()
+    model.to(device)  # a no-op for the training run's own module; an export loads on the CPU
     classes, templates = load_classes(classes_path)
     spec = StreamSpec(urls=expand_shards(shards), batch_size=batch_size, rank=distributed.rank(),
                       world=distributed.world_size(), workers=1, train=False)
@@ -130,6 +131,5 @@ def evaluate_export(model_dir: str, shards: str, classes_path: str, *, batch_siz
     tok = open_clip.get_tokenizer(f"local-dir:{path}")
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    device = distributed.device()
-    return evaluate(model.to(device), tok, preprocess, shards=shards, classes_path=classes_path,
-                    image_size=image_size, batch_size=batch_size, device=device)
+    return evaluate(model, tok, preprocess, shards=shards, classes_path=classes_path, image_size=image_size,
+                    batch_size=batch_size, device=distributed.device())

@@ -71,16 +71,13 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
     mostly below half a unit in the last place, so the target would stop following.
     """
     params = list(target.parameters())
-    if all(t.dtype == torch.float32 for t in params):
-        for t, o in zip(params, online.parameters()):
-            t.mul_(momentum).add_(o.detach().float(), alpha=1 - momentum)
-        return
     masters = target.__dict__.get("_ema_fp32")
-    if masters is None:
-        masters = target.__dict__["_ema_fp32"] = [t.detach().float() for t in params]
+    if masters is None:  # an fp32 parameter is its own master
+        masters = target.__dict__["_ema_fp32"] = [t if t.dtype == torch.float32 else t.detach().float() for t in params]
     for t, m, o in zip(params, masters, online.parameters()):
         m.mul_(momentum).add_(o.detach().float(), alpha=1 - momentum)
-        t.copy_(m)
+        if m is not t:
+            t.copy_(m)
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, end: float = 1.0) -> float:
