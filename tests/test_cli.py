@@ -161,3 +161,53 @@ def test_processes_per_node_follow_the_gpus():
         check_nproc(2, 1)
     with pytest.raises(UserError, match="but 4 GPUs are visible: use --nproc 4"):
         check_nproc(8, 4)
+
+
+def test_a_diverging_run_stops_in_one_line_and_saves_nothing_spoilt(good_config, tmp_path):
+    """An absurd learning rate drives the weights to NaN within a few steps: every rank stops with one
+    line (printed once, not once per rank), the checkpoints from before stay, the newest of them is
+    still `latest` with finite weights, and no NaN reaches the metrics."""
+    import re
+
+    import torch
+
+    run_dir = tmp_path / "run"
+    extra = (f'batch_size = 16\n[train]\nrun_dir = "{run_dir}"\nsteps = 8\nlog_every = 1\ncheckpoint_every = 1\n'
+             "keep_checkpoints = 8\n[optim]\nlr = 1e30\nwarmup_steps = 0\n")
+    proc = tandem("train", "--config", good_config(extra), "--nproc", "2")
+    assert_one_line_error(proc, "training diverged: the loss or the weights became NaN or infinite by step")
+    bad_step = int(re.search(r"infinite by step (\d+);", proc.stderr).group(1))
+    kept = sorted(p.name for p in run_dir.glob("checkpoints/step*"))
+    assert 1 <= bad_step < 8 and kept == [f"step{s:08d}" for s in range(1, bad_step)], (bad_step, kept)
+    if kept:
+        assert f"the newest checkpoint ({kept[-1]}) predates it" in proc.stderr
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == kept[-1]
+        states = torch.load(run_dir / "checkpoints" / kept[-1] / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)
+        assert all(torch.isfinite(t).all() for t in states["module"].values() if t.is_floating_point())
+    else:
+        assert "no checkpoint was written" in proc.stderr
+    metrics = run_dir / "metrics.jsonl"
+    assert not metrics.exists() or "NaN" not in metrics.read_text()
+
+
+def test_a_failed_rank_ends_the_launch_in_one_line_after_its_own_output(tmp_path):
+    """The torchrun that `--nproc N` starts: a rank's crash keeps its own traceback, and the agent adds
+    one line, not its ChildFailedError traceback and banner; a rank's user error (exit 2) adds nothing."""
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    raise RuntimeError('boom in rank 1') if sys.argv[1] == 'crash' else SystemExit(2)\n")
+    for how, status in (("crash", 1), ("user", 2)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "training.torchrun", "--nnodes", "1", "--nproc-per-node", "2",
+             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), how],
+            capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == status, proc.stderr
+        assert "ChildFailedError" not in proc.stderr and "=====" not in proc.stderr, proc.stderr
+        tandem_lines = [line for line in proc.stderr.splitlines() if line.startswith("tandem: error:")]
+        if how == "crash":
+            assert "RuntimeError: boom in rank 1" in proc.stderr
+            assert tandem_lines == ["tandem: error: rank 1 exited with status 1; its output is above"], proc.stderr
+        else:
+            assert tandem_lines == [] and "Traceback" not in proc.stderr, proc.stderr

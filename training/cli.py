@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data.framings import FRAMINGS
 from training.config import METHOD_NAMES
-from training.errors import UserError
+from training.errors import CollectiveError, UserError
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
 
@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as error:
-        print(f"tandem: error: {error}", file=sys.stderr)
+        if not (isinstance(error, CollectiveError) and os.environ.get("LOCAL_RANK", "0") != "0"):
+            print(f"tandem: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tandem: interrupted", file=sys.stderr)

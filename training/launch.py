@@ -56,7 +56,7 @@ def run_local(nproc: int, argv: list[str]) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     port = free_port()
     command = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "training.torchrun",  # torchrun, minus its traceback when a rank fails
         "--nnodes", "1", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(port),
         "-m", "training.cli", *argv,

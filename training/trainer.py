@@ -22,6 +22,7 @@ from data.shards import count_samples, expand_shards, split_sources
 from training import distributed
 from training.checks import parse_weights, s3_settings
 from training.config import Config, LossConfig, to_toml
+from training.errors import CollectiveError
 from training.evaluate import evaluate
 from training.export import export_checkpoint, write_run_model_config
 from training.grad_cache import grad_cache_step
@@ -108,6 +109,8 @@ class Trainer:
         self.step = 0
         self.skipped = 0  # corrupt or incomplete samples, all ranks, this run
         self.unreported_skips = 0
+        self.finite: torch.Tensor | None = None
+        """On the device: every loss of this rank since the run (re)started was finite."""
         self.cursor = DataCursor(distributed.world_size(), max(1, cfg.data.workers), cfg.train.seed)
 
     def _write_run_files(self) -> None:
@@ -192,6 +195,7 @@ class Trainer:
                 waited = time.perf_counter() - start
                 loss = self.train_step(step_batches)
                 self.step += 1
+                self._note_finite(loss)
                 for batch in step_batches:
                     self.cursor.advance(batch)
                     self.unreported_skips += batch["skipped"]
@@ -225,7 +229,31 @@ class Trainer:
             return None
         return (self.run_dir / f"keys.rank{distributed.rank()}.jsonl").open("a", buffering=1)
 
+    def _note_finite(self, loss: torch.Tensor) -> None:
+        """Fold this step's loss into ``self.finite`` on the device: no host sync per step."""
+        finite = torch.isfinite(loss.detach()).all()
+        self.finite = finite if self.finite is None else self.finite & finite
+
+    def check_finite(self, weights: bool = False) -> None:
+        """Stop every rank with one line if any rank's loss went NaN or infinite (``weights``: or
+        a weight did, as an absurd learning rate does one step before the loss shows it).
+
+        Called before each log line and each checkpoint, so spoilt weights are never saved over (or
+        pruned in favour of) the good checkpoints. Neither fp32 nor bf16 skips such a step on its
+        own: with bf16 the optimizer no longer scans gradients for overflow (``build_engine``).
+        """
+        finite = self.finite if self.finite is not None else torch.ones((), dtype=torch.bool, device=self.device)
+        if weights:
+            finite = finite & torch.stack([torch.isfinite(p).all() for p in self.engine.module.parameters()]).all()
+        if distributed.all_reduce_sum([float(~finite)])[0] == 0:
+            return
+        kept = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
+        kept_text = f"the newest checkpoint ({kept[-1]}) predates it" if kept else "no checkpoint was written"
+        raise CollectiveError(f"training diverged: the loss or the weights became NaN or infinite by step {self.step}; "
+                        f"{kept_text}. Lower optim.lr or raise optim.warmup_steps and train again")
+
     def _record(self, metrics: MetricsLogger, loss: torch.Tensor, waited: float, elapsed: float) -> None:
+        self.check_finite()
         world = distributed.world_size()
         loss_sum, wait_sum, skipped_sum = distributed.all_reduce_sum([float(loss), waited, self.unreported_skips])
         self.unreported_skips = 0
@@ -244,6 +272,7 @@ class Trainer:
         return {"temperature": float(self.engine.module.logit_scale.detach().float().exp().reshape(-1)[0])}
 
     def save(self) -> None:
+        self.check_finite(weights=True)
         tag = f"step{self.step:08d}"
         state = {"step": self.step, "data": self.cursor.state()}
         distributed.save_checkpoint(self.engine, self.ckpt_dir, tag, state)
