@@ -150,6 +150,7 @@ class Trainer:
         state = distributed.load_checkpoint(self.engine, self.ckpt_dir, tag)
         self.step = int(state.get("step", 0))
         self.cursor.restore(state.get("data", {}))
+        self._restore_checkpoint_state(state)
         log.info("resumed at step %d", self.step)
 
     def _loader(self):
@@ -271,10 +272,18 @@ class Trainer:
         """The recorded figures that depend on the model (subclasses add their own)."""
         return {"temperature": float(self.engine.module.logit_scale.detach().float().exp().reshape(-1)[0])}
 
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint carries beyond the engine's weights, optimizer and schedule, the step
+        and the data cursor (subclasses add their own; rank 0's copy is the one saved)."""
+        return {}
+
+    def _restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Take back what ``_checkpoint_state`` saved."""
+
     def save(self) -> None:
         self.check_finite(weights=True)
         tag = f"step{self.step:08d}"
-        state = {"step": self.step, "data": self.cursor.state()}
+        state = {"step": self.step, "data": self.cursor.state(), **self._checkpoint_state()}
         distributed.save_checkpoint(self.engine, self.ckpt_dir, tag, state)
         if distributed.is_main():
             self._prune_checkpoints(keep=tag)

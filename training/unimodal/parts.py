@@ -80,6 +80,29 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
             t.copy_(m)
 
 
+def ema_masters(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """The fp32 masters ``ema_update_`` keeps for the bf16 targets in ``model``, by submodule name,
+    on the CPU: a checkpoint must carry them, as the bf16 target alone loses the low bits (fp32
+    targets are their own masters and are left out)."""
+    found = {}
+    for name, sub in model.named_modules():
+        masters = sub.__dict__.get("_ema_fp32")
+        if masters is not None and any(m is not t for m, t in zip(masters, sub.parameters())):
+            found[name] = [m.detach().cpu().clone() for m in masters]
+    return found
+
+
+def restore_ema_masters(model: nn.Module, saved: dict[str, list[torch.Tensor]]) -> None:
+    """Put back what ``ema_masters`` saved, so a resumed target follows the same fp32 average."""
+    for name, masters in saved.items():
+        sub = model.get_submodule(name)
+        params = list(sub.parameters())
+        if [m.shape for m in masters] != [t.shape for t in params]:
+            raise ValueError(f"the checkpoint's EMA masters for {name!r} do not match the model")
+        sub.__dict__["_ema_fp32"] = [t if t.dtype == torch.float32 else m.to(t.device, torch.float32)
+                                     for m, t in zip(masters, params)]
+
+
 def cosine_momentum(step: int, total_steps: int, base: float, end: float = 1.0) -> float:
     """BYOL's schedule: ``end - (end - base) * (cos(pi * step / total) + 1) / 2``, base -> end."""
     progress = min(max(step / max(total_steps, 1), 0.0), 1.0)

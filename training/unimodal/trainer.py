@@ -21,7 +21,7 @@ from training.config import Config
 from training.trainer import Trainer
 from training.unimodal.evaluate import collapse_stats, evaluate_backbone, is_collapsed
 from training.unimodal.methods import Method, build_method
-from training.unimodal.parts import create_backbone, split_views
+from training.unimodal.parts import create_backbone, ema_masters, restore_ema_masters, split_views
 from training.unimodal.transforms import MultiView, eval_transform, recipes
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,13 @@ class UnimodalTrainer(Trainer):
         distributed.average_(self.norm_stats)
         self.last_embedding = out["embedding"].detach()
         return torch.stack(losses).mean()
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        masters = ema_masters(self.engine.module)  # bf16 targets only: the same on every rank
+        return {"ema_fp32": masters} if masters else {}
+
+    def _restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        restore_ema_masters(self.engine.module, state.get("ema_fp32", {}))
 
     def _model_metrics(self) -> dict[str, float]:
         """Temperature, the collapse monitor and (for methods with a target network) the momentum."""
