@@ -182,3 +182,40 @@ def test_deepspeed_launcher(tmp_path, synth_data):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(metrics(run_dir)) == 2
+
+
+def test_resume_applies_the_configs_optimizer_settings(tmp_path, synth_data):
+    """DeepSpeed restores each group's lr and weight decay, and the schedule its base lr, with the
+    checkpoint; a resume applies the config's instead (as open_clip's does), so a resume at an lr of
+    1e-30 leaves every weight where the checkpoint had it (at the saved lr of 0.005 they all move)."""
+    run_dir = tmp_path / "run"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[data]
+train_shards = "{synth_data}/train/shard-{{00000..00003}}.tar"
+batch_size = 16
+workers = 0
+
+[optim]
+lr = 0.005
+warmup_steps = 2
+
+[train]
+run_dir = "{run_dir}"
+steps = 6
+stop_at = 3
+zero_stage = 1
+keep_checkpoints = 4
+""")
+    first = tandem("train", "--config", str(cfg))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = tandem("train", "--config", str(cfg), "--set", "train.stop_at=0", "--set", "optim.lr=1e-30",
+                    "--set", "optim.weight_decay=0.0", "--resume", "latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "lr 0.005 -> 1e-30, weight_decay 0.1 -> 0.0" in second.stderr
+    lrs = {r["step"]: r["lr"] for r in metrics(run_dir)}
+    assert lrs[3] > 1e-3 and 0 < lrs[4] <= 1e-30 and lrs[6] == 0.0
+    saved = consolidated_state_dict(run_dir / "checkpoints", "step00000003")
+    final = final_weights(run_dir)
+    weights = [k for k in saved if "running_" not in k and "num_batches" not in k]
+    assert len(weights) > 20 and [k for k in weights if not torch.equal(saved[k], final[k])] == []

@@ -35,6 +35,10 @@ from training.optim import build_optimizer, cosine_schedule
 log = logging.getLogger(__name__)
 
 
+# Per-group optimizer settings that come from the config (``build_optimizer``), not the checkpoint.
+_OPTIM_SETTINGS = ("lr", "betas", "eps", "weight_decay", "max_value")
+
+
 @dataclass
 class DataCursor:
     """Where each of this rank's loader roles stands; restored on resume for the exact sequence."""
@@ -133,6 +137,7 @@ class Trainer:
         self._write_run_files()
         model = self._make_model()
         optimizer = build_optimizer(model, cfg.optim, cfg.loss.max_logit_scale)
+        self.optim_settings = [{k: g[k] for k in _OPTIM_SETTINGS if k in g} for g in optimizer.param_groups]
         scheduler = cosine_schedule(optimizer, cfg.optim, cfg.train.steps)
         zero_stage = cfg.train.zero_stage
         if self.bf16 and zero_stage == 0:
@@ -151,7 +156,30 @@ class Trainer:
         self.step = int(state.get("step", 0))
         self.cursor.restore(state.get("data", {}))
         self._restore_checkpoint_state(state)
+        self._apply_optim_settings()
         log.info("resumed at step %d", self.step)
+
+    def _apply_optim_settings(self) -> None:
+        """After a resume, the config's optimizer settings rule, not the checkpoint's.
+
+        DeepSpeed restores each group's lr, betas, eps and weight decay with the optimizer state, and
+        the schedule its base lr, so an edited ``optim.lr`` (say, lowered after a loss spike) would
+        silently not apply. open_clip's schedule reads the lr from its arguments, so there the edit
+        applies; here too. An unchanged config leaves every value as it was, bit for bit.
+        """
+        schedule = self.engine.lr_scheduler
+        groups = schedule.optimizer.param_groups  # the dicts DeepSpeed's optimizers update
+        saved = {**groups[0], "lr": schedule.base_lrs[0]}  # a group's "lr" is the scheduled one
+        changed = {k: (saved[k], v) for k, v in self.optim_settings[0].items() if saved[k] != v}
+        for group, settings, factor in zip(groups, self.optim_settings, schedule.lr_lambdas):
+            group.update(settings)
+            group["initial_lr"] = settings["lr"]
+            group["lr"] = settings["lr"] * factor(schedule.last_epoch)
+        schedule.base_lrs = [settings["lr"] for settings in self.optim_settings]
+        schedule._last_lr = [group["lr"] for group in groups]
+        if changed and distributed.is_main():
+            log.info("resume: the config's optimizer settings apply, not the checkpoint's: %s",
+                     ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
 
     def _loader(self):
         data = self.cfg.data
@@ -249,9 +277,14 @@ class Trainer:
         if distributed.all_reduce_sum([float(~finite)])[0] == 0:
             return
         kept = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
-        kept_text = f"the newest checkpoint ({kept[-1]}) predates it" if kept else "no checkpoint was written"
-        raise CollectiveError(f"training diverged: the loss or the weights became NaN or infinite by step {self.step}; "
-                        f"{kept_text}. Lower optim.lr or raise optim.warmup_steps and train again")
+        advice = "Lower optim.lr or raise optim.warmup_steps and train again"
+        if kept:
+            advice = (f"the newest checkpoint ({kept[-1]}) predates it. {advice}, or resume from it "
+                      f"(--resume {kept[-1]}) with the lower lr")
+        else:
+            advice = f"no checkpoint was written. {advice}"
+        raise CollectiveError("training diverged: the loss or the weights became NaN or infinite by step "
+                              f"{self.step}; {advice}")
 
     def _record(self, metrics: MetricsLogger, loss: torch.Tensor, waited: float, elapsed: float) -> None:
         self.check_finite()
