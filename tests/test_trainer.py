@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import tandem
-from training.distributed import consolidated_state_dict
+from training.distributed import check_checkpoint_layout, consolidated_state_dict
+from training.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -184,7 +185,7 @@ def test_deepspeed_launcher(tmp_path, synth_data):
     assert len(metrics(run_dir)) == 2
 
 
-def test_resume_applies_the_configs_optimizer_settings(tmp_path, synth_data):
+def test_resume_applies_the_configs_optimizer_settings_and_names_what_it_cannot_change(tmp_path, synth_data):
     """DeepSpeed restores each group's lr and weight decay, and the schedule its base lr, with the
     checkpoint; a resume applies the config's instead (as open_clip's does), so a resume at an lr of
     1e-30 leaves every weight where the checkpoint had it (at the saved lr of 0.005 they all move)."""
@@ -219,3 +220,20 @@ keep_checkpoints = 4
     final = final_weights(run_dir)
     weights = [k for k in saved if "running_" not in k and "num_batches" not in k]
     assert len(weights) > 20 and [k for k in weights if not torch.equal(saved[k], final[k])] == []
+
+    # What a resume cannot change is one line naming the setting, not DeepSpeed's traceback.
+    folder = run_dir / "checkpoints" / "step00000003"
+    check_checkpoint_layout(folder, 2, 1)  # stages 1 and 2 share the layout
+    with pytest.raises(UserError, match="written with ZeRO stage 1 or 2 and this run uses stage 0: resume"):
+        check_checkpoint_layout(folder, 0, 1)
+    with pytest.raises(UserError, match="written with ZeRO stage 1 or 2 and this run uses stage 3"):
+        check_checkpoint_layout(folder, 3, 1)
+    with pytest.raises(UserError, match="written by 1 process with ZeRO stage 1 or 2, .* and this run has 2: "
+                                        "resume with 1 process"):
+        check_checkpoint_layout(folder, 1, 2)
+    other = tandem("train", "--config", str(cfg), "--set", "train.stop_at=0", "--set", "loss.impl=siglip",
+                   "--resume", "step00000003")
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    assert other.stderr.strip().splitlines()[-1] == (
+        "tandem: error: checkpoint step00000003 does not fit this model (was it written with another model.*, "
+        'loss.impl or method.*?): Missing key(s) in state_dict: "logit_bias".')

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from training.errors import UserError
+from training.errors import CollectiveError, UserError
 from training.launch import free_port, launched
 
 log = logging.getLogger(__name__)
@@ -304,10 +304,53 @@ def save_checkpoint(engine, directory: Path, tag: str, client_state: dict) -> No
 
 
 def load_checkpoint(engine, directory: Path, tag: str | None) -> dict:
-    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    """Restore ``tag`` (None: ``latest``) into the engine; returns the checkpoint's client state.
+
+    A checkpoint this run cannot take (another ZeRO stage, another world size under ZeRO, another
+    model) is a ``CollectiveError`` that says which setting differs: every rank finds the same, and
+    DeepSpeed's own assertion or ``load_state_dict`` traceback would not say what to change.
+    """
+    if tag is None and (Path(directory) / "latest").is_file():
+        tag = (Path(directory) / "latest").read_text().strip()
+    if tag is not None:
+        check_checkpoint_layout(Path(directory) / tag, engine.zero_optimization_stage(), world_size())
+    try:
+        path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    except RuntimeError as error:
+        if "Error(s) in loading state_dict" not in str(error):
+            raise
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        raise CollectiveError(f"checkpoint {tag} does not fit this model (was it written with another model.*, "
+                              f"loss.impl or method.*?): {' '.join(lines)[:300]}") from None
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
     return client_state or {}
+
+
+def check_checkpoint_layout(folder: Path, zero_stage: int, world: int) -> None:
+    """The ZeRO stage and, for ZeRO >= 1, the number of processes a checkpoint was written with must be
+    this run's: DeepSpeed keeps the whole module in ``mp_rank_00_model_states.pt`` (stages 0-2) or
+    one partition per process in ``zero_pp_rank_R_mp_rank_00_model_states.pt`` (stage 3), and under
+    ZeRO one partition of the optimizer state per process, which it cannot re-partition."""
+    if not any(folder.glob("*model_states.pt")):
+        return  # not a DeepSpeed checkpoint folder: DeepSpeed says what it says
+    partitions = len(list(folder.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))
+    if any(folder.glob("zero_pp_rank_*_model_states.pt")):
+        written, stage_text = 3, "ZeRO stage 3"
+    elif partitions:
+        written, stage_text = 1, "ZeRO stage 1 or 2"
+    else:
+        written, stage_text = 0, "ZeRO stage 0"
+    family = min(zero_stage, 1) if zero_stage < 3 else 3
+    if written != family:
+        raise CollectiveError(f"checkpoint {folder.name} was written with {stage_text} and this run uses stage "
+                              f"{zero_stage}: resume with the train.zero_stage (and train.precision; bf16 runs "
+                              "use stage >= 1) it was written with")
+    if written and partitions != world:
+        raise CollectiveError(f"checkpoint {folder.name} was written by {partitions} process"
+                              f"{'es' * (partitions != 1)} with {stage_text}, which keeps one part of the "
+                              f"optimizer state per process, and this run has {world}: resume with "
+                              f"{partitions} process{'es' * (partitions != 1)} (DeepSpeed cannot re-partition it)")
 
 
 def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -331,6 +374,14 @@ def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor
     return {k: v.float() for k, v in state.items()}
 
 
+class _ExpectedWarnings(logging.Filter):
+    """Drops DeepSpeed's "untested optimizer, proceed with caution" on every ZeRO run: Tandem's
+    optimizer is torch's AdamW plus a clamp (``training.optim``), allowed on purpose in the config."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
 def _quiet_deepspeed() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -339,5 +390,7 @@ def _quiet_deepspeed() -> None:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, _ExpectedWarnings) for f in ds_logger.filters):
+            ds_logger.addFilter(_ExpectedWarnings())
     except ImportError:  # deepspeed is optional for serving-only installs
         pass
