@@ -185,29 +185,13 @@ def test_deepspeed_launcher(tmp_path, synth_data):
     assert len(metrics(run_dir)) == 2
 
 
-def test_resume_applies_the_configs_optimizer_settings_and_names_what_it_cannot_change(tmp_path, synth_data):
+def test_resume_applies_the_configs_optimizer_settings_and_names_what_it_cannot_change(tmp_path, synth_data,
+                                                                                      shards_with_damage):
     """DeepSpeed restores each group's lr and weight decay, and the schedule its base lr, with the
     checkpoint; a resume applies the config's instead (as open_clip's does), so a resume at an lr of
     1e-30 leaves every weight where the checkpoint had it (at the saved lr of 0.005 they all move)."""
     run_dir = tmp_path / "run"
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f"""
-[data]
-train_shards = "{synth_data}/train/shard-{{00000..00003}}.tar"
-batch_size = 16
-workers = 0
-
-[optim]
-lr = 0.005
-warmup_steps = 2
-
-[train]
-run_dir = "{run_dir}"
-steps = 6
-stop_at = 3
-zero_stage = 1
-keep_checkpoints = 4
-""")
+    cfg = write_config(tmp_path / "c.toml", shards_with_damage, synth_data, run_dir, stop_at=3, keep_checkpoints=4)
     first = tandem("train", "--config", str(cfg))
     assert first.returncode == 0, first.stderr[-3000:]
     second = tandem("train", "--config", str(cfg), "--set", "train.stop_at=0", "--set", "optim.lr=1e-30",
