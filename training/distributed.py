@@ -327,6 +327,12 @@ def load_checkpoint(engine, directory: Path, tag: str | None) -> dict:
     return client_state or {}
 
 
+def zero_partitions(folder: Path) -> int:
+    """How many ZeRO optimizer-state partitions (one per process) a checkpoint folder holds; 0 for
+    stage 0. The files are ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``."""
+    return len(list(Path(folder).glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))
+
+
 def check_checkpoint_layout(folder: Path, zero_stage: int, world: int) -> None:
     """The ZeRO stage and, for ZeRO >= 1, the number of processes a checkpoint was written with must be
     this run's: DeepSpeed keeps the whole module in ``mp_rank_00_model_states.pt`` (stages 0-2) or
@@ -334,7 +340,7 @@ def check_checkpoint_layout(folder: Path, zero_stage: int, world: int) -> None:
     ZeRO one partition of the optimizer state per process, which it cannot re-partition."""
     if not any(folder.glob("*model_states.pt")):
         return  # not a DeepSpeed checkpoint folder: DeepSpeed says what it says
-    partitions = len(list(folder.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))
+    partitions = zero_partitions(folder)
     if any(folder.glob("zero_pp_rank_*_model_states.pt")):
         written, stage_text = 3, "ZeRO stage 3"
     elif partitions:
@@ -361,7 +367,7 @@ def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor
     """
     _quiet_deepspeed()
     ckpt = Path(directory) / tag
-    if any(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
+    if zero_partitions(ckpt):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress

@@ -113,7 +113,7 @@ class Trainer:
         self.step = 0
         self.skipped = 0  # corrupt or incomplete samples, all ranks, this run
         self.unreported_skips = 0
-        self.finite: torch.Tensor | None = None
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
         """On the device: every loss of this rank since the run (re)started was finite."""
         self.cursor = DataCursor(distributed.world_size(), max(1, cfg.data.workers), cfg.train.seed)
 
@@ -260,23 +260,21 @@ class Trainer:
 
     def _note_finite(self, loss: torch.Tensor) -> None:
         """Fold this step's loss into ``self.finite`` on the device: no host sync per step."""
-        finite = torch.isfinite(loss.detach()).all()
-        self.finite = finite if self.finite is None else self.finite & finite
+        self.finite &= torch.isfinite(loss.detach()).all()
 
-    def check_finite(self, weights: bool = False) -> None:
-        """Stop every rank with one line if any rank's loss went NaN or infinite (``weights``: or
-        a weight did, as an absurd learning rate does one step before the loss shows it).
+    def _stop_if_diverged(self, bad_ranks: float) -> None:
+        """Stop every rank with one line if any rank's loss (or, at a checkpoint, weight) went NaN
+        or infinite; ``bad_ranks`` is the all-reduced count, so every rank decides alike.
 
-        Called before each log line and each checkpoint, so spoilt weights are never saved over (or
-        pruned in favour of) the good checkpoints. Neither fp32 nor bf16 skips such a step on its
-        own: with bf16 the optimizer no longer scans gradients for overflow (``build_engine``).
+        Checked at each log line (in ``_record``'s all-reduce) and before each checkpoint (with the
+        weights: an absurd learning rate spoils them one step before the loss shows it), so spoilt
+        weights are never saved over (or pruned in favour of) the good checkpoints. Neither fp32 nor
+        bf16 skips such a step on its own: with bf16 the optimizer no longer scans gradients for
+        overflow (``build_engine``).
         """
-        finite = self.finite if self.finite is not None else torch.ones((), dtype=torch.bool, device=self.device)
-        if weights:
-            finite = finite & torch.stack([torch.isfinite(p).all() for p in self.engine.module.parameters()]).all()
-        if distributed.all_reduce_sum([float(~finite)])[0] == 0:
+        if bad_ranks == 0:
             return
-        kept = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
+        kept = [p.name for p in self._checkpoint_folders()]
         advice = "Lower optim.lr or raise optim.warmup_steps and train again"
         if kept:
             advice = (f"the newest checkpoint ({kept[-1]}) predates it. {advice}, or resume from it "
@@ -287,9 +285,10 @@ class Trainer:
                               f"{self.step}; {advice}")
 
     def _record(self, metrics: MetricsLogger, loss: torch.Tensor, waited: float, elapsed: float) -> None:
-        self.check_finite()
         world = distributed.world_size()
-        loss_sum, wait_sum, skipped_sum = distributed.all_reduce_sum([float(loss), waited, self.unreported_skips])
+        loss_sum, wait_sum, skipped_sum, bad_ranks = distributed.all_reduce_sum(
+            [float(loss), waited, self.unreported_skips, float(~self.finite)])
+        self._stop_if_diverged(bad_ranks)
         self.unreported_skips = 0
         self.skipped += int(skipped_sum)
         metrics.log(self.step, {
@@ -314,7 +313,8 @@ class Trainer:
         """Take back what ``_checkpoint_state`` saved."""
 
     def save(self) -> None:
-        self.check_finite(weights=True)
+        weights = torch.stack([torch.isfinite(p).all() for p in self.engine.module.parameters()]).all()
+        self._stop_if_diverged(distributed.all_reduce_sum([float(~(self.finite & weights))])[0])
         tag = f"step{self.step:08d}"
         state = {"step": self.step, "data": self.cursor.state(), **self._checkpoint_state()}
         distributed.save_checkpoint(self.engine, self.ckpt_dir, tag, state)
@@ -322,8 +322,12 @@ class Trainer:
             self._prune_checkpoints(keep=tag)
         distributed.barrier()
 
+    def _checkpoint_folders(self) -> list[Path]:
+        """This run's checkpoints, oldest first."""
+        return sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
+
     def _prune_checkpoints(self, keep: str) -> None:
-        tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
+        tags = self._checkpoint_folders()
         for old in tags[: max(0, len(tags) - self.cfg.train.keep_checkpoints)]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)

@@ -95,12 +95,9 @@ def ema_masters(model: nn.Module) -> dict[str, list[torch.Tensor]]:
 def restore_ema_masters(model: nn.Module, saved: dict[str, list[torch.Tensor]]) -> None:
     """Put back what ``ema_masters`` saved, so a resumed target follows the same fp32 average."""
     for name, masters in saved.items():
-        sub = model.get_submodule(name)
-        params = list(sub.parameters())
-        if [m.shape for m in masters] != [t.shape for t in params]:
-            raise ValueError(f"the checkpoint's EMA masters for {name!r} do not match the model")
+        sub = model.get_submodule(name)  # its parameters' shapes were checked by the module's load
         sub.__dict__["_ema_fp32"] = [t if t.dtype == torch.float32 else m.to(t.device, torch.float32)
-                                     for m, t in zip(masters, params)]
+                                     for m, t in zip(masters, sub.parameters())]
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, end: float = 1.0) -> float:
