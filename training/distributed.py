@@ -11,11 +11,13 @@ by hand. With none of them set, ``init()`` forms a one-process group on loopback
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import io
 import logging
 import os
+import shutil
 import types
 from pathlib import Path
 from typing import Any
@@ -299,23 +301,45 @@ def _batch_norm_fp32_affine(layer: torch.nn.modules.batchnorm._BatchNorm, x: tor
 
 
 def save_checkpoint(engine, directory: Path, tag: str, client_state: dict) -> None:
-    """Every rank writes its shard; DeepSpeed records ``tag`` in ``directory/latest``."""
+    """Every rank writes its shard; DeepSpeed records ``tag`` in ``directory/latest``.
+
+    A folder of the same tag (left by a run that a resume from an earlier checkpoint replaces) is
+    replaced whole, not written into: written by another number of processes, its surplus ZeRO
+    partitions would stay beside the new ones and spoil the checkpoint. It is moved aside until the
+    new one is written.
+    """
+    folder = Path(directory) / tag
+    replaced = folder.with_name(f".replaced-{tag}")
+    if rank() == 0 and folder.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        folder.rename(replaced)
+    barrier()
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+    barrier()
+    if rank() == 0:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def load_checkpoint(engine, directory: Path, tag: str | None) -> dict:
     """Restore ``tag`` (None: ``latest``) into the engine; returns the checkpoint's client state.
 
-    A checkpoint this run cannot take (another ZeRO stage, another world size under ZeRO, another
-    model) is a ``CollectiveError`` that says which setting differs: every rank finds the same, and
-    DeepSpeed's own assertion or ``load_state_dict`` traceback would not say what to change.
+    A ZeRO checkpoint written by another number of processes is re-partitioned on the way in
+    (``_load_repartitioned``, ``_load_universal``). A checkpoint this run cannot take (another ZeRO
+    stage, another model) is a ``CollectiveError`` that says which setting differs: every rank finds
+    the same, and DeepSpeed's own assertion or ``load_state_dict`` traceback would not say what to change.
     """
-    if tag is None and (Path(directory) / "latest").is_file():
-        tag = (Path(directory) / "latest").read_text().strip()
-    if tag is not None:
-        check_checkpoint_layout(Path(directory) / tag, engine.zero_optimization_stage(), world_size())
+    directory = Path(directory)
+    if tag is None and (directory / "latest").is_file():
+        tag = (directory / "latest").read_text().strip()
+    resize = tag is not None and check_checkpoint_layout(directory / tag, engine.zero_optimization_stage(),
+                                                         world_size())
     try:
-        path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+        if not resize:
+            path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+        elif engine.zero_optimization_stage() < 3:
+            path, client_state = _load_repartitioned(engine, directory, tag)
+        else:
+            path, client_state = _load_universal(engine, directory, tag)
     except RuntimeError as error:
         if "Error(s) in loading state_dict" not in str(error):
             raise
@@ -324,7 +348,87 @@ def load_checkpoint(engine, directory: Path, tag: str | None) -> dict:
                               f"loss.impl or method.*?): {' '.join(lines)[:300]}") from None
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+    if resize and is_main():
+        written = zero_partitions(directory / tag)
+        log.info("resume: checkpoint %s was written by %d process%s and this run has %d: its ZeRO partitions of "
+                 "the fp32 weights and optimizer state were re-partitioned", tag, written,
+                 "es" * (written != 1), world_size())
     return client_state or {}
+
+
+def _load_repartitioned(engine, directory: Path, tag: str) -> tuple[str | None, dict]:
+    """ZeRO 1/2 at another world size. Each param group's fp32 weights and optimizer state are one
+    flat vector in parameter order, cut into one equal part per process (padding at the end only):
+    the checkpoint's parts, joined in rank order, are that vector, and this rank takes its new part
+    of it. DeepSpeed loads the rest (module weights, buffers, EMA targets, schedule, client state);
+    it refuses the optimizer's parts at another world size, and its universal-checkpoint loader
+    fails on a group with fewer elements than processes (DeepSpeed 0.19: the temperature's group
+    leaves a rank no element; ``IndexError`` in ``load_hp_checkpoint_state_from_checkpoint_dir``).
+    """
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=False)
+    optimizer = engine.optimizer
+    mine = optimizer.single_partition_of_fp32_groups  # this rank's part of each group, padded
+    starts = [rank() * part.numel() for part in mine]
+    offsets = [0] * len(mine)  # where the next saved part begins in its group's vector
+    files = sorted(Path(directory, tag).glob("*zero_pp_rank_*_optim_states.pt"),
+                   key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))
+    for file in files:
+        saved = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        base = saved["base_optimizer_state"]  # torch's state_dict of this part's optimizer
+        states = base["state"]
+        for group, part in enumerate(mine):
+            weights = saved["single_partition_of_fp32_groups"][group]  # saved without its padding
+            state = optimizer.optimizer.state[part]
+            lo, hi = max(offsets[group], starts[group]), min(offsets[group] + weights.numel(),
+                                                             starts[group] + part.numel())
+            for key, value in states[group].items():
+                if not torch.is_tensor(value) or value.dim() == 0:  # Adam's step: the same in every part
+                    state[key] = value.clone() if torch.is_tensor(value) else value
+                    continue
+                if key not in state:
+                    state[key] = torch.zeros_like(part)
+                if lo < hi:
+                    state[key][lo - starts[group]:hi - starts[group]] = value[lo - offsets[group]:hi - offsets[group]]
+            if lo < hi:
+                part.data[lo - starts[group]:hi - starts[group]] = weights[lo - offsets[group]:hi - offsets[group]]
+            offsets[group] += weights.numel()
+        if file == files[0]:  # lr, betas, ...: the same in every part
+            for group, saved_group in zip(optimizer.optimizer.param_groups, base["param_groups"]):
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+        del saved
+    return path, client_state
+
+
+def _load_universal(engine, directory: Path, tag: str) -> tuple[str | None, dict]:
+    """ZeRO 3 at another world size, through DeepSpeed's universal checkpoint: rank 0 rewrites the
+    checkpoint with each parameter's fp32 weights and optimizer state whole, one folder per parameter,
+    in a staging folder beside it (removed after the load), and every rank loads its new part."""
+    staging = directory / f".resize-{tag}"
+    if rank() == 0:
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+        shutil.rmtree(staging, ignore_errors=True)
+        settings = argparse.Namespace(
+            input_folder=str(directory / tag), output_folder=str(staging / tag), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            to_universal(settings)  # prints its progress and tqdm bars
+    barrier()
+    engine._config.load_universal_checkpoint = True
+    try:
+        path, client_state = engine.load_checkpoint(str(staging), tag=tag)
+        # The universal load restores what the optimizer holds; the buffers (BatchNorm statistics)
+        # come from the module states, which hold the partitioned parameters as empty placeholders.
+        saved = torch.load(directory / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
+        trained = {name for name, param in engine.module.named_parameters() if param.requires_grad}
+        engine.module.load_state_dict({k: v for k, v in saved.items() if k not in trained}, strict=False)
+    finally:
+        engine._config.load_universal_checkpoint = False
+        barrier()
+        if rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+    return path, client_state
 
 
 def zero_partitions(folder: Path) -> int:
@@ -333,13 +437,14 @@ def zero_partitions(folder: Path) -> int:
     return len(list(Path(folder).glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))
 
 
-def check_checkpoint_layout(folder: Path, zero_stage: int, world: int) -> None:
-    """The ZeRO stage and, for ZeRO >= 1, the number of processes a checkpoint was written with must be
-    this run's: DeepSpeed keeps the whole module in ``mp_rank_00_model_states.pt`` (stages 0-2) or
-    one partition per process in ``zero_pp_rank_R_mp_rank_00_model_states.pt`` (stage 3), and under
-    ZeRO one partition of the optimizer state per process, which it cannot re-partition."""
+def check_checkpoint_layout(folder: Path, zero_stage: int, world: int) -> bool:
+    """The ZeRO stage a checkpoint was written with must be this run's; returns whether its ZeRO
+    partitions must be re-partitioned for this run's number of processes. DeepSpeed keeps the whole
+    module in ``mp_rank_00_model_states.pt`` (stages 0-2) or one partition per process in
+    ``zero_pp_rank_R_mp_rank_00_model_states.pt`` (stage 3), and under ZeRO one partition of the
+    optimizer state per process."""
     if not any(folder.glob("*model_states.pt")):
-        return  # not a DeepSpeed checkpoint folder: DeepSpeed says what it says
+        return False  # not a DeepSpeed checkpoint folder: DeepSpeed says what it says
     partitions = zero_partitions(folder)
     if any(folder.glob("zero_pp_rank_*_model_states.pt")):
         written, stage_text = 3, "ZeRO stage 3"
@@ -352,11 +457,7 @@ def check_checkpoint_layout(folder: Path, zero_stage: int, world: int) -> None:
         raise CollectiveError(f"checkpoint {folder.name} was written with {stage_text} and this run uses stage "
                               f"{zero_stage}: resume with the train.zero_stage (and train.precision; bf16 runs "
                               "use stage >= 1) it was written with")
-    if written and partitions != world:
-        raise CollectiveError(f"checkpoint {folder.name} was written by {partitions} process"
-                              f"{'es' * (partitions != 1)} with {stage_text}, which keeps one part of the "
-                              f"optimizer state per process, and this run has {world}: resume with "
-                              f"{partitions} process{'es' * (partitions != 1)} (DeepSpeed cannot re-partition it)")
+    return bool(written) and partitions != world
 
 
 def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -381,11 +482,13 @@ def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor
 
 
 class _ExpectedWarnings(logging.Filter):
-    """Drops DeepSpeed's "untested optimizer, proceed with caution" on every ZeRO run: Tandem's
-    optimizer is torch's AdamW plus a clamp (``training.optim``), allowed on purpose in the config."""
+    """Drops DeepSpeed's "untested optimizer, proceed with caution" on every ZeRO run (Tandem's
+    optimizer is torch's AdamW plus a clamp, ``training.optim``, allowed on purpose in the config) and
+    "MPU is not provided" on each universal-checkpoint load (Tandem has no tensor parallelism)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "untested optimizer" not in record.getMessage()
+        message = record.getMessage()
+        return "untested optimizer" not in message and "MPU is not provided" not in message
 
 
 def _quiet_deepspeed() -> None:

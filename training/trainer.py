@@ -76,9 +76,10 @@ class DataCursor:
             self.epoch = saved["epoch"]
             return
         self.start_epoch = self.epoch = int(saved.get("epoch", -1)) + 1
-        log.warning("world size, workers or seed changed since the checkpoint: data resumes at the start of "
-                    "epoch %d (the rest of the interrupted epoch is skipped, no sample repeats within an epoch)",
-                    self.start_epoch)
+        if distributed.is_main():
+            log.warning("world size, workers or seed changed since the checkpoint: data resumes at the start of "
+                        "epoch %d (the rest of the interrupted epoch is skipped, no sample repeats within an epoch)",
+                        self.start_epoch)
 
 
 def contrastive_loss(cfg: LossConfig, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -158,6 +159,10 @@ class Trainer:
         self._restore_checkpoint_state(state)
         self._apply_optim_settings()
         log.info("resumed at step %d", self.step)
+        later = [p.name for p in self._checkpoint_folders(newer=True)]
+        if later and distributed.is_main():
+            log.warning("checkpoints newer than the one resumed (%s) are from the run it took over from: "
+                        "each is replaced when this run saves at its step", ", ".join(later))
 
     def _apply_optim_settings(self) -> None:
         """After a resume, the config's optimizer settings rule, not the checkpoint's.
@@ -233,12 +238,12 @@ class Trainer:
                     trace.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._record(metrics, loss, waited, time.perf_counter() - start)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                stop = self.step == cfg.stop_at
+                if stop or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.evaluate()
-                if self.step == cfg.stop_at:
-                    self.save()
+                if stop:
                     log.info("stopped at step %d as asked (train.stop_at); resume with --resume latest", self.step)
                     return {}
             self.save()
@@ -322,9 +327,15 @@ class Trainer:
             self._prune_checkpoints(keep=tag)
         distributed.barrier()
 
-    def _checkpoint_folders(self) -> list[Path]:
-        """This run's checkpoints, oldest first."""
-        return sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
+    def _checkpoint_folders(self, newer: bool = False) -> list[Path]:
+        """This run's checkpoints up to the current step, oldest first (``newer``: those after it).
+
+        Newer ones were left by the run that a resume from an earlier checkpoint took over from; this
+        run replaces each as it reaches its step, and neither pruning nor the divergence message
+        counts them.
+        """
+        current = f"step{self.step:08d}"
+        return sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir() and (p.name > current) == newer)
 
     def _prune_checkpoints(self, keep: str) -> None:
         tags = self._checkpoint_folders()
