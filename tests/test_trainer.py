@@ -219,6 +219,16 @@ def test_resume_applies_the_configs_optimizer_settings_and_names_what_it_cannot_
         "tandem: error: checkpoint step00000003 does not fit this model (was it written with another model.*, "
         'loss.impl or method.*?): Missing key(s) in state_dict: "logit_bias".')
 
+    # A checkpoint file cut off (a disk that filled up, a copy stopped part-way) is one line too.
+    newest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    part = next(newest.glob("*zero_pp_rank_0_*optim_states.pt"))
+    part.write_bytes(part.read_bytes()[:4096])
+    cut = tandem("train", "--config", str(cfg), "--resume", "latest")
+    assert cut.returncode == 2 and "Traceback" not in cut.stderr, cut.stderr[-3000:]
+    assert cut.stderr.strip().splitlines()[-1] == (
+        f"tandem: error: checkpoint {newest.name} cannot be read: {part.name} is cut off or not a checkpoint file; "
+        "resume from an earlier one (--resume step00000004)")
+
 
 def zero_state(folder: Path) -> dict[tuple[int, str], torch.Tensor]:
     """Per param group, the fp32 weights, Adam moments and Adam step of a ZeRO 1/2 checkpoint, the

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import types
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -301,23 +302,37 @@ def _batch_norm_fp32_affine(layer: torch.nn.modules.batchnorm._BatchNorm, x: tor
 
 
 def save_checkpoint(engine, directory: Path, tag: str, client_state: dict) -> None:
-    """Every rank writes its shard; DeepSpeed records ``tag`` in ``directory/latest``.
+    """Every rank writes its part of checkpoint ``tag`` into ``directory``; ``latest`` names it once
+    all have.
 
-    A folder of the same tag (left by a run that a resume from an earlier checkpoint replaces) is
-    replaced whole, not written into: written by another number of processes, its surplus ZeRO
-    partitions would stay beside the new ones and spoil the checkpoint. It is moved aside until the
-    new one is written.
+    DeepSpeed's own save has rank 0 write ``latest`` as soon as its own files are written, not the
+    other ranks', and writes into the tag's folder in place, so a run killed mid-save (a preempted
+    pod) could leave ``latest`` naming a partial checkpoint, and every restart's ``--resume latest``
+    would then fail on it. Here the ranks write into a hidden ``.saving-<tag>`` folder; after all
+    have, rank 0 moves it into place and only then points ``latest`` at it (each step an atomic
+    rename), so ``latest`` always names a complete checkpoint. A folder of the same tag (left by a
+    run that a resume from an earlier checkpoint took over from) is replaced whole: written into,
+    its surplus ZeRO partitions from another number of processes would spoil the new one.
     """
-    folder = Path(directory) / tag
-    replaced = folder.with_name(f".replaced-{tag}")
-    if rank() == 0 and folder.exists():
-        shutil.rmtree(replaced, ignore_errors=True)
-        folder.rename(replaced)
+    directory = Path(directory)
+    saving, folder, replaced = directory / f".saving-{tag}", directory / tag, directory / f".replaced-{tag}"
+    if rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        for leftover in directory.glob(".saving-*"):  # from a save that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+    engine.save_checkpoint(str(directory), tag=saving.name, client_state=client_state, save_latest=False)
     barrier()
     if rank() == 0:
+        if folder.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+            folder.rename(replaced)
+        saving.rename(folder)
+        pointer = directory / ".latest.tmp"
+        pointer.write_text(tag)
+        pointer.replace(directory / "latest")
         shutil.rmtree(replaced, ignore_errors=True)
+    barrier()
 
 
 def load_checkpoint(engine, directory: Path, tag: str | None) -> dict:
@@ -396,6 +411,11 @@ def _load_repartitioned(engine, directory: Path, tag: str) -> tuple[str | None, 
             for group, saved_group in zip(optimizer.optimizer.param_groups, base["param_groups"]):
                 group.update({k: v for k, v in saved_group.items() if k != "params"})
         del saved
+    for group, (joined, params) in enumerate(zip(offsets, optimizer.bit16_groups)):
+        expected = sum(param.numel() for param in params)
+        if joined != expected:
+            raise CollectiveError(f"checkpoint {tag} is incomplete: its {len(files)} ZeRO part(s) hold {joined} of "
+                                  f"the {expected} values of parameter group {group}; {_earlier(directory / tag)}")
     return path, client_state
 
 
@@ -431,6 +451,12 @@ def _load_universal(engine, directory: Path, tag: str) -> tuple[str | None, dict
     return path, client_state
 
 
+def _earlier(folder: Path) -> str:
+    """What to resume from instead of the checkpoint in ``folder``."""
+    earlier = sorted(p.name for p in folder.parent.glob("step*") if p.is_dir() and p.name < folder.name)
+    return f"resume from an earlier one (--resume {earlier[-1]})" if earlier else "no earlier one is left"
+
+
 def zero_partitions(folder: Path) -> int:
     """How many ZeRO optimizer-state partitions (one per process) a checkpoint folder holds; 0 for
     stage 0. The files are ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``."""
@@ -445,6 +471,10 @@ def check_checkpoint_layout(folder: Path, zero_stage: int, world: int) -> bool:
     optimizer state per process."""
     if not any(folder.glob("*model_states.pt")):
         return False  # not a DeepSpeed checkpoint folder: DeepSpeed says what it says
+    for file in sorted(folder.glob("*.pt")):  # torch.save writes a zip: a cut-off one has no directory
+        if not zipfile.is_zipfile(file):
+            raise CollectiveError(f"checkpoint {folder.name} cannot be read: {file.name} is cut off or not a "
+                                  f"checkpoint file; {_earlier(folder)}")
     partitions = zero_partitions(folder)
     if any(folder.glob("zero_pp_rank_*_model_states.pt")):
         written, stage_text = 3, "ZeRO stage 3"
