@@ -74,3 +74,15 @@ def test_a_cut_off_checkpoint_file_is_one_line_naming_it(tmp_path):
                                         r"cut off or not a checkpoint file; resume from an earlier one "
                                         r"\(--resume step00000002\)$"):
         check_checkpoint_layout(tmp_path / "step00000004", 0, 1)
+
+
+def test_a_save_killed_between_its_renames_is_put_back(tmp_path):
+    """Killed after moving the old ``<tag>`` aside and before moving the new one in, a save leaves
+    ``latest`` naming a missing folder; the next start puts the old one back (and drops the rest)."""
+    save_checkpoint(FakeEngine(), tmp_path, "step00000002", {"step": 2})
+    (tmp_path / "step00000002").rename(tmp_path / ".replaced-step00000002")
+    (tmp_path / ".saving-step00000002").mkdir()
+    (tmp_path / ".resize-step00000002").mkdir()
+    save_checkpoint(FakeEngine(), tmp_path, "step00000003", {"step": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000002", "step00000003"]
+    assert len(list((tmp_path / "step00000002").iterdir())) == 2

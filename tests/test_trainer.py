@@ -300,6 +300,15 @@ def test_resume_with_another_number_of_processes_repartitions_the_zero_state(tmp
     replayed = zero_state(run_dir / "checkpoints" / "step00000002")  # the same data and weights: the same step
     assert [k for k in earlier if not torch.equal(replayed[k], earlier[k])] == []
 
+    # Resumed from step 1 again, diverging before any save of its own: the newest checkpoint of this
+    # run is step 1 (steps 2 and 3 belong to the run it took over from), and latest names step 1, so
+    # a restart does not go back to that other run.
+    spoilt = tandem("train", "--config", str(cfg), "--resume", "step00000001", "--set", "optim.lr=1e30",
+                    "--set", "train.checkpoint_every=3")
+    assert spoilt.returncode == 2, spoilt.stderr[-3000:]
+    assert "; the newest checkpoint (step00000001) predates it" in spoilt.stderr.splitlines()[-1]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000001"
+
 
 def test_zero3_resume_with_another_number_of_processes(tmp_path, synth_data, shards_with_damage):
     """ZeRO 3 partitions each parameter; a resume with another number of processes goes through
@@ -328,4 +337,12 @@ def test_zero3_resume_with_another_number_of_processes(tmp_path, synth_data, sha
     for rank in (0, 1):
         saved = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False)["module"]
         assert [k for k in buffers if not torch.equal(saved[k], buffers[k])] == []
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["step00000001"]
+
+    # Another model through the same route is the one line a same-size resume gives, and leaves nothing.
+    other = tandem("train", "--config", str(cfg), "--resume", "latest", "--set", "loss.impl=siglip")
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    assert other.stderr.strip().splitlines()[-1] == (
+        "tandem: error: checkpoint step00000001 does not fit this model (was it written with another model.*, "
+        "loss.impl or method.*?): missing ['logit_bias'], unexpected []")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["step00000001"]

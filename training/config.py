@@ -262,7 +262,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("loss.tile_size", *_at_least(1)),
     ("loss.init_temperature", *_at_least(0, "0: the loss's default")),
     ("loss.max_logit_scale", *_above(0)),
-    ("optim.lr", *_above(0)),
+    ("optim.lr", lambda value: 0 < value <= 1e30, "> 0 and <= 1e30 (torch's Adam step must fit a float32)"),
     ("optim.weight_decay", *_at_least(0)),
     ("optim.beta1", _below_one, "in [0, 1)"),
     ("optim.beta2", _below_one, "in [0, 1)"),

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import shutil
+import time
 import types
 import zipfile
 from pathlib import Path
@@ -318,20 +319,38 @@ def save_checkpoint(engine, directory: Path, tag: str, client_state: dict) -> No
     saving, folder, replaced = directory / f".saving-{tag}", directory / tag, directory / f".replaced-{tag}"
     if rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        for leftover in directory.glob(".saving-*"):  # from a save that was killed
-            shutil.rmtree(leftover, ignore_errors=True)
-    barrier()
+    _recover(directory)
     engine.save_checkpoint(str(directory), tag=saving.name, client_state=client_state, save_latest=False)
     barrier()
     if rank() == 0:
         if folder.exists():
-            shutil.rmtree(replaced, ignore_errors=True)
             folder.rename(replaced)
         saving.rename(folder)
-        pointer = directory / ".latest.tmp"
-        pointer.write_text(tag)
-        pointer.replace(directory / "latest")
+        point_latest(directory, tag)
         shutil.rmtree(replaced, ignore_errors=True)
+    barrier()
+
+
+def point_latest(directory: Path, tag: str) -> None:
+    """Rank 0: make ``directory/latest`` name ``tag``, atomically."""
+    pointer = Path(directory) / ".latest.tmp"
+    pointer.write_text(tag)
+    pointer.replace(Path(directory) / "latest")
+
+
+def _recover(directory: Path) -> None:
+    """Rank 0 tidies what a run killed mid-save or mid-resize left, then all ranks go on together: a
+    ``.replaced-<tag>`` whose ``<tag>`` is missing (killed between the two renames of a save, when
+    ``latest`` may name it) goes back into place; every other leftover is removed."""
+    if rank() == 0 and directory.is_dir():
+        for old in directory.glob(".replaced-*"):
+            tag = directory / old.name.removeprefix(".replaced-")
+            if tag.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(tag)
+        for leftover in [*directory.glob(".saving-*"), *directory.glob(".resize-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
     barrier()
 
 
@@ -344,6 +363,7 @@ def load_checkpoint(engine, directory: Path, tag: str | None) -> dict:
     the same, and DeepSpeed's own assertion or ``load_state_dict`` traceback would not say what to change.
     """
     directory = Path(directory)
+    _recover(directory)
     if tag is None and (directory / "latest").is_file():
         tag = (directory / "latest").read_text().strip()
     resize = tag is not None and check_checkpoint_layout(directory / tag, engine.zero_optimization_stage(),
@@ -396,7 +416,7 @@ def _load_repartitioned(engine, directory: Path, tag: str) -> tuple[str | None, 
             state = optimizer.optimizer.state[part]
             lo, hi = max(offsets[group], starts[group]), min(offsets[group] + weights.numel(),
                                                              starts[group] + part.numel())
-            for key, value in states[group].items():
+            for key, value in states.get(group, {}).items():
                 if not torch.is_tensor(value) or value.dim() == 0:  # Adam's step: the same in every part
                     state[key] = value.clone() if torch.is_tensor(value) else value
                     continue
@@ -424,24 +444,41 @@ def _load_universal(engine, directory: Path, tag: str) -> tuple[str | None, dict
     checkpoint with each parameter's fp32 weights and optimizer state whole, one folder per parameter,
     in a staging folder beside it (removed after the load), and every rank loads its new part."""
     staging = directory / f".resize-{tag}"
+    converted, failed = staging / "converted", staging / "failed"
     if rank() == 0:
         from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
-        shutil.rmtree(staging, ignore_errors=True)
         settings = argparse.Namespace(
             input_folder=str(directory / tag), output_folder=str(staging / tag), num_extract_workers=1,
             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            to_universal(settings)  # prints its progress and tqdm bars
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                to_universal(settings)  # prints its progress and tqdm bars
+            converted.touch()
+        except Exception as error:  # noqa: BLE001 - every rank reports it below
+            staging.mkdir(parents=True, exist_ok=True)
+            failed.write_text(f"{type(error).__name__}: {error}"[:300])
+    # The others wait on the file, not a collective: converting a large model may outlast the
+    # collective timeout (TANDEM_DIST_TIMEOUT_S).
+    while not (converted.exists() or failed.exists()):
+        time.sleep(1.0)
     barrier()
-    engine._config.load_universal_checkpoint = True
     try:
+        if failed.exists():
+            raise CollectiveError(f"checkpoint {tag} could not be re-partitioned for {world_size()} processes: "
+                                  f"{failed.read_text()}")
+        saved_params = {p.name for p in (staging / tag / "zero").iterdir() if p.is_dir()}
+        trained = {name for name, param in engine.module.named_parameters() if param.requires_grad}
+        if saved_params != trained:
+            missing, extra = sorted(trained - saved_params), sorted(saved_params - trained)
+            raise CollectiveError(f"checkpoint {tag} does not fit this model (was it written with another "
+                                  f"model.*, loss.impl or method.*?): missing {missing[:5]}, unexpected {extra[:5]}")
+        engine._config.load_universal_checkpoint = True
         path, client_state = engine.load_checkpoint(str(staging), tag=tag)
         # The universal load restores what the optimizer holds; the buffers (BatchNorm statistics)
         # come from the module states, which hold the partitioned parameters as empty placeholders.
         saved = torch.load(directory / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu",
                            weights_only=False)["module"]
-        trained = {name for name, param in engine.module.named_parameters() if param.requires_grad}
         engine.module.load_state_dict({k: v for k, v in saved.items() if k not in trained}, strict=False)
     finally:
         engine._config.load_universal_checkpoint = False

@@ -114,6 +114,9 @@ class Trainer:
         self.step = 0
         self.skipped = 0  # corrupt or incomplete samples, all ranks, this run
         self.unreported_skips = 0
+        self.superseded: set[str] = set()
+        """Checkpoints newer than the one resumed, left by the run this one took over from; each
+        leaves the set when this run saves at its step."""
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)
         """On the device: every loss of this rank since the run (re)started was finite."""
         self.cursor = DataCursor(distributed.world_size(), max(1, cfg.data.workers), cfg.train.seed)
@@ -159,10 +162,13 @@ class Trainer:
         self._restore_checkpoint_state(state)
         self._apply_optim_settings()
         log.info("resumed at step %d", self.step)
-        later = [p.name for p in self._checkpoint_folders(newer=True)]
-        if later and distributed.is_main():
+        resumed = f"step{self.step:08d}"
+        self.superseded = {p.name for p in self.ckpt_dir.glob("step*") if p.is_dir() and p.name > resumed}
+        if self.superseded and distributed.is_main():
+            # A restart before this run's first save resumes here, not on the run it took over from.
+            distributed.point_latest(self.ckpt_dir, resumed)
             log.warning("checkpoints newer than the one resumed (%s) are from the run it took over from: "
-                        "each is replaced when this run saves at its step", ", ".join(later))
+                        "each is replaced when this run saves at its step", ", ".join(sorted(self.superseded)))
 
     def _apply_optim_settings(self) -> None:
         """After a resume, the config's optimizer settings rule, not the checkpoint's.
@@ -323,19 +329,15 @@ class Trainer:
         tag = f"step{self.step:08d}"
         state = {"step": self.step, "data": self.cursor.state(), **self._checkpoint_state()}
         distributed.save_checkpoint(self.engine, self.ckpt_dir, tag, state)
+        self.superseded.discard(tag)
         if distributed.is_main():
             self._prune_checkpoints(keep=tag)
         distributed.barrier()
 
-    def _checkpoint_folders(self, newer: bool = False) -> list[Path]:
-        """This run's checkpoints up to the current step, oldest first (``newer``: those after it).
-
-        Newer ones were left by the run that a resume from an earlier checkpoint took over from; this
-        run replaces each as it reaches its step, and neither pruning nor the divergence message
-        counts them.
-        """
-        current = f"step{self.step:08d}"
-        return sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir() and (p.name > current) == newer)
+    def _checkpoint_folders(self) -> list[Path]:
+        """This run's checkpoints, oldest first: not those it superseded by resuming from an earlier
+        one (neither pruning nor the divergence message counts them)."""
+        return sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir() and p.name not in self.superseded)
 
     def _prune_checkpoints(self, keep: str) -> None:
         tags = self._checkpoint_folders()
