@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from training.distributed import check_checkpoint_layout, save_checkpoint
+from training.distributed import check_checkpoint_layout, recover_checkpoints, save_checkpoint
 from training.errors import UserError
 
 
@@ -40,7 +40,8 @@ def test_latest_names_only_a_complete_checkpoint(tmp_path):
     assert (tmp_path / "latest").read_text() == "step00000002"
     assert not (tmp_path / "step00000004").exists()
 
-    save_checkpoint(FakeEngine(), tmp_path, "step00000004", {"step": 4})  # the restarted run
+    recover_checkpoints(tmp_path)  # the restarted run's start
+    save_checkpoint(FakeEngine(), tmp_path, "step00000004", {"step": 4})
     assert (tmp_path / "latest").read_text() == "step00000004"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000002", "step00000004"]
 
@@ -53,6 +54,7 @@ def test_a_save_at_an_existing_step_replaces_its_folder_whole(tmp_path):
     with pytest.raises(Killed):
         save_checkpoint(FakeEngine(die_after_first_file=True), tmp_path, "step00000002", {"step": 2, "again": 1})
     assert len(list((tmp_path / "step00000002").iterdir())) == 3  # the old one untouched
+    recover_checkpoints(tmp_path)  # the restarted run's start
     save_checkpoint(FakeEngine(), tmp_path, "step00000002", {"step": 2, "again": 1})
     files = sorted(p.name for p in (tmp_path / "step00000002").iterdir())
     assert files == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
@@ -78,11 +80,13 @@ def test_a_cut_off_checkpoint_file_is_one_line_naming_it(tmp_path):
 
 def test_a_save_killed_between_its_renames_is_put_back(tmp_path):
     """Killed after moving the old ``<tag>`` aside and before moving the new one in, a save leaves
-    ``latest`` naming a missing folder; the next start puts the old one back (and drops the rest)."""
+    ``latest`` naming a missing folder; the next run's start puts the old one back (and drops the
+    rest)."""
     save_checkpoint(FakeEngine(), tmp_path, "step00000002", {"step": 2})
     (tmp_path / "step00000002").rename(tmp_path / ".replaced-step00000002")
     (tmp_path / ".saving-step00000002").mkdir()
     (tmp_path / ".resize-step00000002").mkdir()
+    recover_checkpoints(tmp_path)  # the next run's start
     save_checkpoint(FakeEngine(), tmp_path, "step00000003", {"step": 3})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000002", "step00000003"]
     assert len(list((tmp_path / "step00000002").iterdir())) == 2

@@ -250,6 +250,11 @@ def zero_state(folder: Path) -> dict[tuple[int, str], torch.Tensor]:
     return state
 
 
+def checkpoint_folders(run_dir: Path) -> list[str]:
+    """Every folder in the checkpoint directory, hidden ones (a save's or a resize's staging) included."""
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+
+
 def module_states(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
 
@@ -284,7 +289,7 @@ def test_resume_with_another_number_of_processes_repartitions_the_zero_state(tmp
         assert [k for k in state if not torch.equal(resumed[k], state[k])] == []
         again = module_states(folder)
         assert [k for k in module if not torch.equal(again[k], module[k])] == []
-        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == [
+        assert checkpoint_folders(run_dir) == [
             "step00000001", "step00000002", "step00000003"]  # no staging or replaced folder left behind
 
     # Resumed from an earlier checkpoint, the run replaces step 2 and keeps 2 checkpoints of its own;
@@ -294,7 +299,7 @@ def test_resume_with_another_number_of_processes_repartitions_the_zero_state(tmp
     assert back.returncode == 0, back.stderr[-3000:]
     assert ("checkpoints newer than the one resumed (step00000002, step00000003) are from the run it took over "
             "from: each is replaced when this run saves at its step") in back.stderr
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == [
+    assert checkpoint_folders(run_dir) == [
         "step00000001", "step00000002", "step00000003"]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000002"
     replayed = zero_state(run_dir / "checkpoints" / "step00000002")  # the same data and weights: the same step
@@ -337,7 +342,7 @@ def test_zero3_resume_with_another_number_of_processes(tmp_path, synth_data, sha
     for rank in (0, 1):
         saved = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False)["module"]
         assert [k for k in buffers if not torch.equal(saved[k], buffers[k])] == []
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["step00000001"]
+    assert checkpoint_folders(run_dir) == ["step00000001"]
 
     # Another model through the same route is the one line a same-size resume gives, and leaves nothing.
     other = tandem("train", "--config", str(cfg), "--resume", "latest", "--set", "loss.impl=siglip")
@@ -345,4 +350,4 @@ def test_zero3_resume_with_another_number_of_processes(tmp_path, synth_data, sha
     assert other.stderr.strip().splitlines()[-1] == (
         "tandem: error: checkpoint step00000001 does not fit this model (was it written with another model.*, "
         "loss.impl or method.*?): missing ['logit_bias'], unexpected []")
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["step00000001"]
+    assert checkpoint_folders(run_dir) == ["step00000001"]

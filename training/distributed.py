@@ -317,9 +317,6 @@ def save_checkpoint(engine, directory: Path, tag: str, client_state: dict) -> No
     """
     directory = Path(directory)
     saving, folder, replaced = directory / f".saving-{tag}", directory / tag, directory / f".replaced-{tag}"
-    if rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    _recover(directory)
     engine.save_checkpoint(str(directory), tag=saving.name, client_state=client_state, save_latest=False)
     barrier()
     if rank() == 0:
@@ -338,10 +335,12 @@ def point_latest(directory: Path, tag: str) -> None:
     pointer.replace(Path(directory) / "latest")
 
 
-def _recover(directory: Path) -> None:
-    """Rank 0 tidies what a run killed mid-save or mid-resize left, then all ranks go on together: a
-    ``.replaced-<tag>`` whose ``<tag>`` is missing (killed between the two renames of a save, when
-    ``latest`` may name it) goes back into place; every other leftover is removed."""
+def recover_checkpoints(directory: Path) -> None:
+    """At a run's start, before it resumes or saves: rank 0 tidies what a run killed mid-save or
+    mid-resize left in ``directory``, then all ranks go on together. A ``.replaced-<tag>`` whose
+    ``<tag>`` is missing (killed between the two renames of a save, when ``latest`` may name it) goes
+    back into place; every other leftover is removed."""
+    directory = Path(directory)
     if rank() == 0 and directory.is_dir():
         for old in directory.glob(".replaced-*"):
             tag = directory / old.name.removeprefix(".replaced-")
@@ -363,7 +362,6 @@ def load_checkpoint(engine, directory: Path, tag: str | None) -> dict:
     the same, and DeepSpeed's own assertion or ``load_state_dict`` traceback would not say what to change.
     """
     directory = Path(directory)
-    _recover(directory)
     if tag is None and (directory / "latest").is_file():
         tag = (directory / "latest").read_text().strip()
     resize = tag is not None and check_checkpoint_layout(directory / tag, engine.zero_optimization_stage(),
@@ -379,8 +377,7 @@ def load_checkpoint(engine, directory: Path, tag: str | None) -> dict:
         if "Error(s) in loading state_dict" not in str(error):
             raise
         lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
-        raise CollectiveError(f"checkpoint {tag} does not fit this model (was it written with another model.*, "
-                              f"loss.impl or method.*?): {' '.join(lines)[:300]}") from None
+        raise _misfit(tag, " ".join(lines)[:300]) from None
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
     if resize and is_main():
@@ -403,29 +400,26 @@ def _load_repartitioned(engine, directory: Path, tag: str) -> tuple[str | None, 
     path, client_state = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=False)
     optimizer = engine.optimizer
     mine = optimizer.single_partition_of_fp32_groups  # this rank's part of each group, padded
-    starts = [rank() * part.numel() for part in mine]
     offsets = [0] * len(mine)  # where the next saved part begins in its group's vector
-    files = sorted(Path(directory, tag).glob("*zero_pp_rank_*_optim_states.pt"),
-                   key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))
+    files = zero_part_files(directory / tag)
     for file in files:
         saved = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         base = saved["base_optimizer_state"]  # torch's state_dict of this part's optimizer
-        states = base["state"]
         for group, part in enumerate(mine):
             weights = saved["single_partition_of_fp32_groups"][group]  # saved without its padding
+            start, offset = rank() * part.numel(), offsets[group]
+            lo = max(offset, start)
+            hi = max(lo, min(offset + weights.numel(), start + part.numel()))  # lo == hi: no overlap
+            here, there = slice(lo - start, hi - start), slice(lo - offset, hi - offset)
+            part.data[here] = weights[there]
             state = optimizer.optimizer.state[part]
-            lo, hi = max(offsets[group], starts[group]), min(offsets[group] + weights.numel(),
-                                                             starts[group] + part.numel())
-            for key, value in states.get(group, {}).items():
+            for key, value in base["state"].get(group, {}).items():
                 if not torch.is_tensor(value) or value.dim() == 0:  # Adam's step: the same in every part
                     state[key] = value.clone() if torch.is_tensor(value) else value
                     continue
                 if key not in state:
                     state[key] = torch.zeros_like(part)
-                if lo < hi:
-                    state[key][lo - starts[group]:hi - starts[group]] = value[lo - offsets[group]:hi - offsets[group]]
-            if lo < hi:
-                part.data[lo - starts[group]:hi - starts[group]] = weights[lo - offsets[group]:hi - offsets[group]]
+                state[key][here] = value[there]
             offsets[group] += weights.numel()
         if file == files[0]:  # lr, betas, ...: the same in every part
             for group, saved_group in zip(optimizer.optimizer.param_groups, base["param_groups"]):
@@ -445,6 +439,9 @@ def _load_universal(engine, directory: Path, tag: str) -> tuple[str | None, dict
     in a staging folder beside it (removed after the load), and every rank loads its new part."""
     staging = directory / f".resize-{tag}"
     converted, failed = staging / "converted", staging / "failed"
+    if rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # no marker of an earlier attempt may remain
+    barrier()
     if rank() == 0:
         from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
@@ -471,8 +468,7 @@ def _load_universal(engine, directory: Path, tag: str) -> tuple[str | None, dict
         trained = {name for name, param in engine.module.named_parameters() if param.requires_grad}
         if saved_params != trained:
             missing, extra = sorted(trained - saved_params), sorted(saved_params - trained)
-            raise CollectiveError(f"checkpoint {tag} does not fit this model (was it written with another "
-                                  f"model.*, loss.impl or method.*?): missing {missing[:5]}, unexpected {extra[:5]}")
+            raise _misfit(tag, f"missing {missing[:5]}, unexpected {extra[:5]}")
         engine._config.load_universal_checkpoint = True
         path, client_state = engine.load_checkpoint(str(staging), tag=tag)
         # The universal load restores what the optimizer holds; the buffers (BatchNorm statistics)
@@ -488,16 +484,28 @@ def _load_universal(engine, directory: Path, tag: str) -> tuple[str | None, dict
     return path, client_state
 
 
+def _misfit(tag: str, detail: str) -> CollectiveError:
+    return CollectiveError(f"checkpoint {tag} does not fit this model (was it written with another model.*, "
+                           f"loss.impl or method.*?): {detail}")
+
+
 def _earlier(folder: Path) -> str:
     """What to resume from instead of the checkpoint in ``folder``."""
     earlier = sorted(p.name for p in folder.parent.glob("step*") if p.is_dir() and p.name < folder.name)
     return f"resume from an earlier one (--resume {earlier[-1]})" if earlier else "no earlier one is left"
 
 
+def zero_part_files(folder: Path) -> list[Path]:
+    """A checkpoint folder's ZeRO optimizer-state parts, one per process that wrote it, in rank order;
+    none for stage 0. The files are ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``."""
+    files = Path(folder).glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")
+    return sorted(files, key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))
+
+
 def zero_partitions(folder: Path) -> int:
     """How many ZeRO optimizer-state partitions (one per process) a checkpoint folder holds; 0 for
-    stage 0. The files are ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``."""
-    return len(list(Path(folder).glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))
+    stage 0."""
+    return len(zero_part_files(folder))
 
 
 def check_checkpoint_layout(folder: Path, zero_stage: int, world: int) -> bool:

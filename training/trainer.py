@@ -139,6 +139,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self._write_run_files()
+        distributed.recover_checkpoints(self.ckpt_dir)
         model = self._make_model()
         optimizer = build_optimizer(model, cfg.optim, cfg.loss.max_logit_scale)
         self.optim_settings = [{k: g[k] for k in _OPTIM_SETTINGS if k in g} for g in optimizer.param_groups]
@@ -162,8 +163,8 @@ class Trainer:
         self._restore_checkpoint_state(state)
         self._apply_optim_settings()
         log.info("resumed at step %d", self.step)
-        resumed = f"step{self.step:08d}"
-        self.superseded = {p.name for p in self.ckpt_dir.glob("step*") if p.is_dir() and p.name > resumed}
+        resumed = self._tag()
+        self.superseded = {p.name for p in self._checkpoint_folders() if p.name > resumed}
         if self.superseded and distributed.is_main():
             # A restart before this run's first save resumes here, not on the run it took over from.
             distributed.point_latest(self.ckpt_dir, resumed)
@@ -326,13 +327,17 @@ class Trainer:
     def save(self) -> None:
         weights = torch.stack([torch.isfinite(p).all() for p in self.engine.module.parameters()]).all()
         self._stop_if_diverged(distributed.all_reduce_sum([float(~(self.finite & weights))])[0])
-        tag = f"step{self.step:08d}"
+        tag = self._tag()
         state = {"step": self.step, "data": self.cursor.state(), **self._checkpoint_state()}
         distributed.save_checkpoint(self.engine, self.ckpt_dir, tag, state)
         self.superseded.discard(tag)
         if distributed.is_main():
             self._prune_checkpoints(keep=tag)
         distributed.barrier()
+
+    def _tag(self) -> str:
+        """The checkpoint tag of the current step."""
+        return f"step{self.step:08d}"
 
     def _checkpoint_folders(self) -> list[Path]:
         """This run's checkpoints, oldest first: not those it superseded by resuming from an earlier
