@@ -1,4 +1,7 @@
-"""``classes.json``: the class names and prompt templates of a zero-shot evaluation set."""
+"""``classes.json``: the class names and prompt templates of a zero-shot evaluation set.
+
+A sample's label is the ``class`` field of its ``.json`` sidecar, one of the names listed here.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,9 @@ from pathlib import Path
 
 from training.errors import UserError
 
+LABEL_KEY = "class"  # the sidecar field that names a sample's class
+_PROBE = "\x00class\x00"  # a class name no template contains, to check that each one places the name
+
 
 def load_classes(path: str | Path) -> tuple[list[str], list[str]]:
     """``classes.json`` -> (class names, prompt templates with one ``{}`` each)."""
@@ -14,10 +20,22 @@ def load_classes(path: str | Path) -> tuple[list[str], list[str]]:
     if not path.is_file():
         raise UserError(f"classes file not found: {path}")
     try:
-        raw = json.loads(path.read_text())
-        classes, templates = list(raw["classes"]), list(raw["templates"])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        classes, templates = raw["classes"], raw["templates"]
+    except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{path} must be JSON with 'classes' and 'templates' lists ({error})") from None
-    if not classes or not templates or any(t.count("{}") != 1 for t in templates):
-        raise UserError(f"{path}: need non-empty classes and templates each with exactly one '{{}}'")
+    for key, values in (("classes", classes), ("templates", templates)):
+        if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+            raise UserError(f"{path}: '{key}' must be a non-empty list of strings")
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        raise UserError(f"{path}: class names must be unique; repeated: {', '.join(map(repr, repeated[:5]))}")
+    for template in templates:
+        try:
+            ok = template.count("{}") == 1 and _PROBE in template.format(_PROBE)
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"{path}: template {template!r} must hold exactly one '{{}}' for the class name "
+                            "and no other braces (write a literal brace as '{{' or '}}')")
     return classes, templates

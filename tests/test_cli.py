@@ -8,6 +8,9 @@ import urllib.request
 import pytest
 
 from tests.conftest import ROOT, free_port, tandem
+from training.checks import check_inputs
+from training.config import load
+from training.errors import UserError
 from training.metrics import MetricsLogger
 
 
@@ -108,6 +111,57 @@ def test_metrics_logger_writes_jsonl_and_serves_prometheus(tmp_path):
     assert "tandem_train_loss 1.5" in body and "tandem_train_step 3.0" in body
     assert "tandem_train_skipped_samples_total 2.0" in body
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["temperature"] == 20.0
+
+
+def test_a_metrics_port_in_use_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        with pytest.raises(UserError, match=f"train.metrics_port {held.getsockname()[1]} cannot be served"):
+            MetricsLogger(tmp_path, total_steps=10, port=held.getsockname()[1])
+
+
+def test_run_dir_weights_and_text_tower_mistakes_fail_before_training(tmp_path, synth_data):
+    shards = f'data.train_shards="{synth_data}/train/shard-{{00000..00003}}.tar"'
+    (tmp_path / "file").write_text("")
+    for run_dir, needle in ((tmp_path / "file", "is a file, not a folder"),
+                            (tmp_path / "file" / "run", "is not a writable folder")):
+        with pytest.raises(UserError, match=needle):
+            check_inputs(load(None, [shards, f'train.run_dir="{run_dir}"']))
+    with pytest.raises(UserError, match="data.train_weights must be finite"):
+        check_inputs(load(None, [f'data.train_shards="{synth_data}/train/shard-00000.tar::{synth_data}/train/'
+                                 'shard-00001.tar"', 'data.train_weights="inf::1"']))
+    tower = tmp_path / "tower"
+    tower.mkdir()
+    (tower / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 64}))
+    check_inputs(load(None, [shards, f'model.hf_text_model="{tower}"', "model.context_length=64"]))
+    with pytest.raises(UserError, match="model.context_length 128 exceeds the 64 positions"):
+        check_inputs(load(None, [shards, f'model.hf_text_model="{tower}"', "model.context_length=128"]))
+
+
+def test_the_demo_refuses_the_keys_it_sets_itself(tmp_path):
+    from training.demo import DEMO_CONFIG, train_on_synthetic
+
+    proc = tandem("demo", "--out", str(tmp_path / "demo"), "--set", "train.export=false")
+    assert_one_line_error(proc, "tandem demo sets train.export itself")
+    for key in ("train.run_dir=/tmp/x", "train.stop_at=3", "method.name=simclr"):
+        with pytest.raises(UserError, match=f"tandem demo sets {key.partition('=')[0]} itself"):
+            train_on_synthetic(tmp_path / "demo", DEMO_CONFIG, nproc=2, train_samples=8, test_samples=4,
+                               overrides=[key], framing="scene")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_the_demo_regenerates_a_dataset_of_other_sizes(tmp_path, capsys):
+    from training.demo import ensure_dataset
+
+    ensure_dataset(tmp_path, 12, 6, framing="object")
+    ensure_dataset(tmp_path, 12, 6, framing="object")
+    assert "using the dataset" in capsys.readouterr().out
+    ensure_dataset(tmp_path, 16, 6, framing="object")
+    assert "regenerating" in capsys.readouterr().out
+    assert sum(json.loads((tmp_path / "train" / "sizes.json").read_text()).values()) == 16
 
 
 def test_inputs_are_checked_without_the_heavy_imports(synth_data):

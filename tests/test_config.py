@@ -21,7 +21,9 @@ def test_toml_deltas_and_overrides(tmp_path):
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
-    cfg = config.load(None, ['data.train_shards="a {b}.tar"', "optim.weight_decay=0", "train.export=false"])
+    cfg = config.load(None, ['data.train_shards="a {b}.tar"', "optim.weight_decay=0", "train.export=false",
+                             "train.run_dir=/data/\U0001f600 caf\u00e9\x7f\tx"])
+    assert cfg.train.run_dir == "/data/\U0001f600 caf\u00e9\x7f\tx"
     path = tmp_path / "resolved.toml"
     path.write_text(config.to_toml(cfg))
     assert config.load(path) == cfg
@@ -32,6 +34,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     ("[dat]\nbatch_size = 3\n", "'dat'"),
     ("[train]\nsteps = 'ten'\n", "train.steps must be a int"),
     ("[train\n", "not valid TOML"),
+    ("[loss]\ninit_temperature = inf\n", "loss.init_temperature must be a finite number, got inf"),
+    ("[optim]\nlr = nan\n", "optim.lr must be a finite number"),
 ])
 def test_bad_config_names_the_problem(tmp_path, text, needle):
     path = tmp_path / "bad.toml"
@@ -40,6 +44,21 @@ def test_bad_config_names_the_problem(tmp_path, text, needle):
         config.load(path)
     assert needle in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "utf16.toml"
+    path.write_bytes("[data]\n".encode("utf-16"))  # as PowerShell's `>` writes it
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        config.load(path)
+
+
+def test_text_knobs_take_the_text_as_written():
+    """A path, name or key that reads as a TOML date or number stays the text the user typed."""
+    cfg = config.load(None, ["train.run_dir=2024-01-01", "data.s3_access_key_id=12345", 'model.name="ViT-B-32"'])
+    assert (cfg.train.run_dir, cfg.data.s3_access_key_id, cfg.model.name) == ("2024-01-01", "12345", "ViT-B-32")
+    with pytest.raises(UserError, match="train.steps must be a int"):
+        config.load(None, ["train.steps=2024-01-01"])
 
 
 def test_bad_override_and_values():
@@ -57,7 +76,11 @@ def test_bad_override_and_values():
     ("optim.beta2=1.0", "optim.beta2 must be in [0, 1), got 1.0"),
     ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be in [0, 1]"),
     ("optim.eps=0", "optim.eps must be > 0"),
-    ("train.seed=-1", "train.seed must be >= 0"),
+    ("train.seed=-1", "train.seed must be in [0, 4294967295]"),
+    ("train.seed=99999999999999999999", "train.seed must be in [0, 4294967295]"),
+    pytest.param("optim.lr=1" + "0" * 400, "optim.lr must be a finite number", id="optim.lr=1e400"),
+    ("loss.init_temperature=inf", "loss.init_temperature must be a finite number"),
+    ("model.hf_pooler=mean", "model.hf_pooler must be one of mean_pooler, max_pooler"),
     ("train.log_every=0", "train.log_every must be >= 1"),  # a modulo by zero mid-run otherwise
     ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),  # would delete the latest one
     ("train.metrics_port=70000", "train.metrics_port must be a port"),
@@ -69,9 +92,8 @@ def test_bad_override_and_values():
     ("method.name=xyz", "method.name must be one of clip, simclr"),
 ])
 def test_out_of_range_values_are_named_before_a_run_starts(override, needle):
-    cfg = config.load(None, [override, "data.train_shards=x"])
     with pytest.raises(UserError) as info:
-        cfg.validate()
+        config.load(None, [override, "data.train_shards=x"]).validate()
     assert needle in str(info.value)
 
 

@@ -7,6 +7,8 @@ good launch does not pay the heavy imports once more before its workers pay them
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 from data.classes import load_classes
@@ -28,9 +30,22 @@ def check_inputs(cfg: Config, resume: str | None = None) -> None:
     if resume and resume != "latest" and not (Path(cfg.train.run_dir) / "checkpoints" / resume).is_dir():
         raise UserError(f"no checkpoint '{resume}' in {Path(cfg.train.run_dir) / 'checkpoints'}")
     resolve_model_config(cfg.model)
+    check_run_dir_writable(Path(cfg.train.run_dir))
     if cfg.data.val_shards:
-        expand_shards(cfg.data.val_shards)
+        check_remote(expand_shards(cfg.data.val_shards), s3_settings(cfg))
+    if cfg.data.classes:
         load_classes(cfg.data.classes)
+
+
+def check_run_dir_writable(run_dir: Path) -> None:
+    """``train.run_dir`` is a folder, or can be made one: not a file, under a writable folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"train.run_dir {run_dir} is a file, not a folder")
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"train.run_dir {run_dir} cannot be written: {existing} is not a writable folder")
 
 
 def check_export_dir(model_dir: str | Path) -> Path:
@@ -69,8 +84,8 @@ def parse_weights(text: str) -> list[float]:
         weights = [float(w) for w in text.split("::") if w.strip()]
     except ValueError:
         raise UserError(f"data.train_weights must be numbers separated by '::', got '{text}'") from None
-    if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
-        raise UserError("data.train_weights must be non-negative with a positive sum")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or (weights and sum(weights) <= 0):
+        raise UserError("data.train_weights must be finite, non-negative and with a positive sum")
     return weights
 
 

@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="zero-shot classification and retrieval of an exported model")
     ev.add_argument("--model", required=True, help="export directory (open_clip local-dir format)")
     ev.add_argument("--data", required=True, help="test shards: a directory or a brace pattern")
-    ev.add_argument("--classes", required=True, help="classes.json with classes and templates")
+    ev.add_argument("--classes", default="",
+                    help="classes.json with classes and templates, for zero-shot (each sample's label is the "
+                         "'class' field of its .json); without it, retrieval only")
     ev.add_argument("--batch-size", type=_int_in(1), default=256)
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
@@ -181,7 +183,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_export_dir(args.model)
     shards = shard_pattern(args.data)
     expand_shards(shards)
-    load_classes(args.classes)
+    if args.classes:
+        load_classes(args.classes)
     from training.evaluate import evaluate_export
 
     result = evaluate_export(args.model, shards, args.classes, batch_size=args.batch_size)

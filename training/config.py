@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -223,6 +224,7 @@ class Config:
 
 
 LOSS_IMPLS = ("gather", "tiled", "siglip")
+HF_POOLERS = ("mean_pooler", "max_pooler", "cls_pooler", "cls_last_hidden_state_pooler")  # open_clip's
 
 
 Rule = tuple[Callable[[Any], bool], str]  # the test, and the rule as the error states it
@@ -258,6 +260,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.shuffle_buffer", *_at_least(0)),
     ("data.s3_retry_seconds", *_at_least(0)),
     ("model.context_length", *_at_least(0, "0 keeps the model's")),
+    ("model.hf_pooler", *_one_of(HF_POOLERS)),
     ("loss.impl", *_one_of(LOSS_IMPLS)),
     ("loss.tile_size", *_at_least(1)),
     ("loss.init_temperature", *_at_least(0, "0: the loss's default")),
@@ -271,7 +274,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optim.min_lr_ratio", *_within(0, 1, "in [0, 1]")),
     ("optim.grad_clip", *_at_least(0, "0 disables it")),
     ("train.steps", *_at_least(1)),
-    ("train.seed", *_at_least(0)),
+    ("train.seed", *_within(0, 2**32 - 1, "in [0, 4294967295]")),
     ("train.zero_stage", *_one_of((0, 1, 2, 3), "0, 1, 2 or 3")),
     ("train.precision", *_one_of(("auto", "fp32", "bf16"), "auto, fp32 or bf16")),
     ("train.log_every", *_at_least(1)),
@@ -314,7 +317,13 @@ def _coerce(section: str, key: str, value: Any, kind: type) -> Any:
             return value
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise UserError(f"{section}.{key} must be a finite number, got {value!r:.40}")
+            return number
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
@@ -350,6 +359,9 @@ def parse_override(text: str) -> dict[str, Any]:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value
+    kind = _SECTION_TYPES.get(section)
+    if kind is not None and isinstance(getattr(kind(), key, None), str) and not isinstance(parsed, str):
+        parsed = value.strip()  # a path, name or key that reads as a TOML date or number is still text
     return {section: {key: parsed}}
 
 
@@ -361,7 +373,9 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"config file {path} is not UTF-8 text (TOML files are UTF-8)") from None
         except tomllib.TOMLDecodeError as error:
             raise UserError(f"config file {path} is not valid TOML: {error}") from None
         config = from_dict(raw, config)
@@ -383,7 +397,8 @@ def to_toml(config: Config) -> str:
             if isinstance(value, bool):
                 rendered = "true" if value else "false"
             elif isinstance(value, str):
-                rendered = json.dumps(value)
+                # JSON's escapes are TOML's, except that TOML has no surrogate pairs and bars a raw DEL
+                rendered = json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
             else:
                 rendered = repr(value)
             lines.append(f"{key} = {rendered}")

@@ -26,17 +26,16 @@ def data_dir_for(out: Path, framing: str) -> Path:
 
 
 def ensure_dataset(data_dir: Path, train_samples: int, test_samples: int, framing: str = "scene") -> None:
-    """Generate the synthetic shards unless a previous demo already did (with the same framing)."""
+    """Generate the synthetic shards unless a previous demo already did (same framing and sizes)."""
     classes = data_dir / "classes.json"
     if classes.is_file() and (data_dir / "test" / "sizes.json").is_file():
-        try:
-            found = json.loads(classes.read_text()).get("framing", "scene")
-        except (ValueError, AttributeError):
-            found = None
-        if found == framing:
+        found = (_read_json(classes).get("framing", "scene"),
+                 _total(data_dir / "train" / "sizes.json"), _total(data_dir / "test" / "sizes.json"))
+        if found == (framing, train_samples, test_samples):
             print(f"using the dataset in {data_dir}")
             return
-        print(f"regenerating {data_dir}: it holds {found or 'unreadable'} framing, not {framing}")
+        print(f"regenerating {data_dir}: it holds {found[1]} train + {found[2]} test samples of {found[0]} "
+              f"framing, not {train_samples} + {test_samples} of {framing}")
     from data.synth import write_dataset
 
     start = time.time()
@@ -46,6 +45,26 @@ def ensure_dataset(data_dir: Path, train_samples: int, test_samples: int, framin
         raise UserError(str(error)) from None
     print(f"generated {train_samples} train + {test_samples} test samples ({framing} framing) in {data_dir} "
           f"({time.time() - start:.0f}s)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _total(sizes: Path) -> int | None:
+    """Samples a ``sizes.json`` lists (None when unreadable)."""
+    counts = list(_read_json(sizes).values())
+    return sum(counts) if counts and all(isinstance(c, int) for c in counts) else None
+
+
+# Keys a demo fixes itself: it trains into OUT/run, evaluates that run's export, and runs the method
+# it was asked for (`tandem demo --method`).
+DEMO_OWNED = {"train.run_dir": "use --out", "train.export": "the demo evaluates the export",
+              "train.stop_at": "the demo evaluates a finished run", "method.name": "use --method"}
 
 
 def demo_config(config: Path, overrides: list[str], nproc: int) -> config_mod.Config:
@@ -75,6 +94,11 @@ def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: in
     from training.launch import run_local
     from training.checks import check_inputs
 
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key in DEMO_OWNED:
+            raise UserError(f"tandem demo sets {key} itself ({DEMO_OWNED[key]}); `tandem train --config` "
+                            "runs any config")
     data_dir, run_dir = data_dir_for(out, framing), out / "run"
     ensure_dataset(data_dir, train_samples, test_samples, framing)
     paths = [

@@ -14,6 +14,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from training.errors import UserError
+
 log = logging.getLogger(__name__)
 
 GAUGES = {
@@ -45,7 +47,11 @@ class MetricsLogger:
                                registry=self.registry)
         self.server = None
         if port:
-            self.server, _ = start_http_server(port, registry=self.registry)
+            try:
+                self.server, _ = start_http_server(port, registry=self.registry)
+            except OSError as error:
+                raise UserError(f"train.metrics_port {port} cannot be served: {error.strerror or error} "
+                                "(another run on this node may hold it; pick another port or 0)") from None
             log.info("Prometheus metrics on port %d", port)
         self.bar = self._progress_bar(start_step)
         self.every = max(1, total_steps // 20)

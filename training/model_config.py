@@ -75,7 +75,20 @@ def resolve_model_config(cfg: ModelConfig) -> dict[str, Any]:
         model_cfg["text_cfg"] = _hf_text_cfg(cfg, model_cfg["text_cfg"])
     if cfg.context_length:
         model_cfg["text_cfg"]["context_length"] = cfg.context_length
+    if cfg.hf_text_model:
+        _check_hf_positions(Path(cfg.hf_text_model).resolve(), model_cfg["text_cfg"]["context_length"])
     return model_cfg
+
+
+def _check_hf_positions(path: Path, context_length: int) -> None:
+    """A Hugging Face tower embeds at most ``max_position_embeddings`` tokens."""
+    try:
+        positions = json.loads((path / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"model.hf_text_model {path}: config.json is not a JSON object") from None
+    if isinstance(positions, int) and context_length > positions:
+        raise UserError(f"model.context_length {context_length} exceeds the {positions} positions of "
+                        f"model.hf_text_model {path}; set model.context_length <= {positions}")
 
 
 def _hf_text_cfg(cfg: ModelConfig, base: dict[str, Any]) -> dict[str, Any]:

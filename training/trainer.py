@@ -357,12 +357,13 @@ class Trainer:
         result = evaluate(
             self.engine.module, self.tokenizer, self.eval_transform, shards=data.val_shards,
             classes_path=data.classes, image_size=self.image_size, batch_size=data.eval_batch_size,
-            device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32,
+            device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32, s3=s3_settings(self.cfg),
         )
         if distributed.is_main():
             with (self.run_dir / "eval.jsonl").open("a") as f:
                 f.write(json.dumps({"step": self.step, **result}) + "\n")
-            log.info("eval at step %d: zero-shot top-1 %.3f", self.step, result["zero_shot_top1"])
+            log.info("eval at step %d: %s", self.step, ", ".join(
+                f"{key} {result[key]:.3f}" for key in ("zero_shot_top1", "image_to_text_recall@1") if key in result))
         return result
 
     def export(self) -> Path:
