@@ -8,9 +8,17 @@ shards as slots, else every (slots)-th sample of all shards. A slot's stream is 
 sequence of epochs (shards re-shuffled each epoch from the seed), so every rank yields as many
 batches as the trainer asks for and no rank waits at an epoch boundary.
 
-Everything random (shard order, shuffle buffer, augmentation) derives from (seed, slot, position),
-so the stream is a pure function of its cursor: a resumed run skips the samples already consumed
-without decoding them and continues with exactly the batches an uninterrupted run would have seen.
+Everything random (shard order, shuffle buffer, source mix, augmentation) derives from (seed, slot,
+source, epoch, position), and each source's epoch is shuffled on its own (its shuffle buffer is
+emptied at the epoch's end), so the stream is a pure function of its cursor. Every batch carries its
+role's ``resume`` state: the position and, per source, the epoch and the samples of it already taken.
+A resumed run given that state re-reads only the current epoch of each source up to the samples
+already taken (without decoding them) and continues with exactly the batches an uninterrupted run
+would have seen. A plain count for a cursor (older checkpoints) replays from ``start_epoch``.
+
+A slot that reads nothing in an epoch (its shards happen to be the broken ones) warns and moves on;
+only data where no shard holds a sample is an error. A ``UserError`` in a DataLoader worker reaches
+the caller as its own one line, not wrapped in the worker's traceback.
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ import io
 import json
 import logging
 import random
+import tarfile
 import zlib
 from dataclasses import dataclass, field
-from itertools import count
 from typing import Any, Callable, Iterator
 
 import torch
@@ -29,7 +37,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from data.s3 import S3Settings
+from data.modes import to_8bit
+from data.s3 import S3Settings, StoreError
 from data.shards import open_shard
 from training.errors import UserError
 
@@ -37,6 +46,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _WARN_LIMIT = 10  # per worker; after that only the counts are reported
+_MIX_BLOCK = 4096  # source draws per seed of the mix, so a resume skips at most this many draws
 
 
 class SkipSample(Exception):
@@ -58,8 +68,9 @@ class StreamSpec:
     train: bool = True
     role_offset: int = 0
     """On resume, worker w plays role (w + role_offset) % workers, so batches keep their order."""
-    cursors: dict[int, int] = field(default_factory=dict)
-    """Per role: samples already taken from the shuffled stream (consumed batches)."""
+    cursors: dict[int, int | dict] = field(default_factory=dict)
+    """Per role: the ``resume`` of its last consumed batch (continues within each source's epoch), or a
+    count of samples already taken (replayed from ``start_epoch``)."""
     start_epoch: int = 0
     """First epoch of every slot's stream (a resume whose layout changed starts a fresh epoch)."""
     more_sources: list[list[str]] = field(default_factory=list)
@@ -81,6 +92,7 @@ def decode_image(data: bytes, size: int | None) -> Image.Image:
         if size and image.format == "JPEG":
             image.draft("RGB", (size, size))
         image.load()
+        image = to_8bit(image)
         return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise SkipSample(f"undecodable image ({error})") from None
@@ -125,6 +137,8 @@ class _Counter:
             log.warning("skipping %s: %s", what, reason)
 
     def tar_error(self, exn: Exception) -> bool:
+        if isinstance(exn, StoreError):  # a missing shard or refused credentials: not a damaged shard
+            raise StoreError(exn.message) from None
         self.skip("rest of shard", f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
         return True
 
@@ -141,6 +155,8 @@ class ShardStream(IterableDataset):
         self.transform = image_transform
         self.tokenizer = tokenizer
         self.image_size = image_size
+        self._readable: dict[int, bool] = {}
+        """Per source: whether any shard holds a sample (probed once per worker, when a slot reads none)."""
 
     def _role(self) -> int:
         info = get_worker_info()
@@ -158,59 +174,129 @@ class ShardStream(IterableDataset):
             return urls[slot::slots], 1, 0
         return urls, slots, slot
 
-    def _source(self, urls: list[str], role: int, source: int, counter: _Counter) -> Iterator[dict[str, Any]]:
-        """Undecoded samples of one source for this slot, epoch after epoch (one epoch when evaluating)."""
-        first = self.spec.start_epoch
-        for epoch in count(first) if self.spec.train else range(first, first + 1):
-            shards, stride, offset = self._shards(urls, role, epoch, source)
-            streams = (open_shard(url, self.spec.s3) for url in shards)
-            samples = group_by_keys(tar_file_expander(streams, handler=counter.tar_error), handler=counter.tar_error)
-            produced = False
-            for index, sample in enumerate(samples):
-                if index % stride == offset:
-                    produced = True
-                    sample["__epoch__"] = epoch
-                    yield sample
-            if not produced:
-                raise UserError(f"no samples could be read from the shards: {', '.join(shards[:3])}")
-
-    def _raw(self, role: int, counter: _Counter) -> Iterator[dict[str, Any]]:
-        """One source, or several mixed sample by sample with the configured weights."""
+    def _sources(self) -> list[list[str]]:
+        """The shard lists mixed by weight, or all of them as one source."""
         sources = [self.spec.urls, *self.spec.more_sources]
-        if len(sources) == 1 or not self.spec.weights:
-            yield from self._source([u for urls in sources for u in urls], role, 0, counter)
-            return
-        streams = [self._source(urls, role, i, counter) for i, urls in enumerate(sources)]
-        rng = random.Random(_mix(self.spec.seed, "mix", self.spec.rank, role))
-        indices = range(len(streams))
-        while True:
-            yield next(streams[rng.choices(indices, weights=self.spec.weights)[0]])
+        return sources if len(sources) > 1 and self.spec.weights else [[u for urls in sources for u in urls]]
 
-    def _shuffled(self, raw: Iterator[dict], role: int) -> Iterator[dict]:
-        if not self.spec.train or self.spec.shuffle_buffer <= 1:
-            yield from raw
+    def _epoch(self, urls: list[str], role: int, source: int, epoch: int, counter: _Counter) -> Iterator[dict]:
+        """This slot's undecoded samples of one source and epoch, in shard order."""
+        shards, stride, offset = self._shards(urls, role, epoch, source)
+        streams = (open_shard(url, self.spec.s3) for url in shards)
+        samples = group_by_keys(tar_file_expander(streams, handler=counter.tar_error), handler=counter.tar_error)
+        read = mine = 0
+        for index, sample in enumerate(samples):
+            read += 1
+            if index % stride == offset:
+                mine += 1
+                yield sample
+        if not mine:
+            self._nothing_read(urls, shards, read, source, epoch)
+
+    def _nothing_read(self, urls: list[str], shards: list[str], read: int, source: int, epoch: int) -> None:
+        """A slot's epoch without a sample: an error only when the data as a whole has none for it."""
+        slots = self.spec.world * self.spec.workers
+        if len(shards) == len(urls):  # this slot read every shard, so the judgement is already whole
+            if read and not self.spec.train:  # a held-out split smaller than the readers: others have it
+                return
+            if read:
+                raise UserError(f"the shards hold only {read} readable samples, fewer than the {slots} readers "
+                                "(ranks x data.workers) that share them; use fewer workers or more data")
+            readable = False
+        else:
+            if source not in self._readable:  # once per source and worker: a probe stops at the first sample
+                self._readable[source] = any(_has_sample(url, self.spec.s3) for url in urls)
+            readable = self._readable[source]
+        if not readable:
+            raise UserError(f"no samples could be read from any of the {len(urls)} shards "
+                            f"({', '.join(urls[:3])}{', ...' if len(urls) > 3 else ''})")
+        log.warning("none of the %d shards read in epoch %d (%s) held a readable sample; other shards do, "
+                    "so reading goes on with the next epoch", len(shards), epoch, ", ".join(shards[:3]))
+
+    def _shuffled(self, samples: Iterator[dict], role: int, source: int, epoch: int) -> Iterator[dict]:
+        """One epoch through a shuffle buffer of its own (the sources share ``shuffle_buffer``)."""
+        size = self.spec.shuffle_buffer // len(self._sources())
+        if not self.spec.train or size <= 1:
+            yield from samples
             return
-        rng = random.Random(_mix(self.spec.seed, "buffer", self.spec.rank, role))
+        rng = random.Random(_mix(self.spec.seed, "buffer", self.spec.rank, role, source, epoch))
         buffer: list[dict] = []
-        for sample in raw:
+        for sample in samples:
             buffer.append(sample)
-            if len(buffer) >= self.spec.shuffle_buffer:
+            if len(buffer) >= size:
                 index = rng.randrange(len(buffer))
                 buffer[index], buffer[-1] = buffer[-1], buffer[index]
                 yield buffer.pop()
         rng.shuffle(buffer)
         yield from buffer
 
+    def _source(self, urls: list[str], role: int, source: int, start: tuple[int, int],
+                counter: _Counter) -> Iterator[dict[str, Any]]:
+        """Shuffled undecoded samples of one source for this slot, from ``start`` = (epoch, samples of it
+        already taken), epoch after epoch (one epoch when evaluating)."""
+        epoch, taken = start
+        while True:
+            samples = self._shuffled(self._epoch(urls, role, source, epoch, counter), role, source, epoch)
+            for offset, sample in enumerate(samples, 1):
+                if offset > taken:  # a resume reads the taken ones again, without decoding them
+                    sample.update(__source__=source, __epoch__=epoch, __offset__=offset)
+                    yield sample
+            if not self.spec.train:
+                return
+            epoch, taken = epoch + 1, 0
+
+    def _raw(self, role: int, counter: _Counter, position: int, starts: list[tuple[int, int]]) -> Iterator[dict]:
+        """One source, or several mixed sample by sample with the configured weights."""
+        streams = [self._source(urls, role, i, start, counter)
+                   for i, (urls, start) in enumerate(zip(self._sources(), starts))]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        indices = range(len(streams))
+        while True:  # the draws are seeded per block, so a resume need not replay them from the start
+            block, within = divmod(position, _MIX_BLOCK)
+            rng = random.Random(_mix(self.spec.seed, "mix", self.spec.rank, role, block))
+            for source in rng.choices(indices, weights=self.spec.weights, k=_MIX_BLOCK)[within:]:
+                yield next(streams[source])
+            position += _MIX_BLOCK - within
+
+    def _start(self, role: int) -> tuple[int, list[tuple[int, int]], int]:
+        """(position, per source (epoch, samples taken), samples still to skip) for this role's cursor."""
+        cursor, count = self.spec.cursors.get(role, 0), len(self._sources())
+        fresh = [(self.spec.start_epoch, 0)] * count
+        if not isinstance(cursor, dict):
+            return 0, fresh, int(cursor)
+        starts = [(int(epoch), int(taken)) for epoch, taken in cursor["sources"]]
+        if len(starts) == count:
+            return int(cursor["position"]), starts, 0
+        epoch = max(epoch for epoch, _ in starts) + 1
+        log.warning("the number of data sources changed since the checkpoint: reading resumes at the start of "
+                    "epoch %d", epoch)
+        return int(cursor["position"]), [(epoch, 0)] * count, 0
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except UserError as error:  # torch would re-raise it with the worker's traceback as its message
+            yield {"error": str(error)}
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         role = self._role()
         counter = _Counter()
-        stream = self._shuffled(self._raw(role, counter), role)
-        position = self.spec.cursors.get(role, 0)
-        for _ in range(position):  # resume: skip without decoding
-            next(stream)
+        position, starts, skip = self._start(role)
+        state = [list(start) for start in starts]
+        stream = self._raw(role, counter, position, starts)
+        for _ in range(skip):  # an old-style cursor: replay without decoding
+            sample = next(stream)
+            state[sample["__source__"]] = [sample["__epoch__"], sample["__offset__"]]
+            position += 1
         batch: list[tuple] = []
         for sample in stream:
             position += 1
+            state[sample["__source__"]] = [sample["__epoch__"], sample["__offset__"]]
             try:
                 image, caption = decode_sample(sample, self.image_size)
             except SkipSample as reason:
@@ -222,12 +308,14 @@ class ShardStream(IterableDataset):
                 torch.default_generator.manual_seed(_mix(self.spec.seed, "augment", self.spec.rank, role, position))
             batch.append((self.transform(image), caption, sample["__key__"], decode_meta(sample)))
             if len(batch) == self.spec.batch_size:
-                yield self._collate(batch, role, position, counter.take(), sample["__epoch__"])
+                resume = {"position": position, "sources": [list(s) for s in state]}
+                yield self._collate(batch, role, resume, counter.take(), sample["__epoch__"])
                 batch = []
         if batch and not self.spec.train:
-            yield self._collate(batch, role, position, counter.take(), self.spec.start_epoch)
+            resume = {"position": position, "sources": [list(s) for s in state]}
+            yield self._collate(batch, role, resume, counter.take(), self.spec.start_epoch)
 
-    def _collate(self, batch: list, role: int, position: int, skipped: int, epoch: int) -> dict[str, Any]:
+    def _collate(self, batch: list, role: int, resume: dict, skipped: int, epoch: int) -> dict[str, Any]:
         images, captions, keys, metas = zip(*batch)
         return {
             "image": default_collate(images),  # in a worker: stacked straight into shared memory
@@ -236,10 +324,33 @@ class ShardStream(IterableDataset):
             "key": list(keys),
             "meta": list(metas),
             "role": role,
-            "cursor": position,
+            "cursor": resume["position"],
+            "resume": resume,
             "epoch": epoch,
             "skipped": skipped,
         }
+
+
+def _has_sample(url: str, settings: S3Settings) -> bool:
+    """Whether the shard's first file can be read."""
+    try:
+        with open_shard(url, settings)["stream"] as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            member = next((m for m in tar if m.isreg()), None)
+            if member is not None:
+                tar.extractfile(member).read()  # a first file cut short raises here
+            return member is not None
+    except (tarfile.TarError, EOFError, OSError):
+        return False
+
+
+class _Loader(DataLoader):
+    """A DataLoader that raises a worker's ``UserError`` as the one line it was."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in super().__iter__():
+            if "error" in batch:
+                raise UserError(batch["error"])
+            yield batch
 
 
 def make_loader(
@@ -251,7 +362,7 @@ def make_loader(
     """
     dataset = ShardStream(spec, image_transform, tokenizer, image_size)
     workers = 0 if in_process else spec.workers
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=None,
         num_workers=workers,

@@ -3,20 +3,23 @@
 Endpoint and credentials come from the config, else the environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ...), else boto3's standard chain. A read that fails mid-shard (the server
 restarted, a connection reset) is resumed with a ranged GET from the byte it stopped at, with
-exponential backoff, so a store that goes away for a while pauses training instead of ending it.
+exponential backoff, so a store that goes away for a while pauses training instead of ending it. What no
+retry can change (a missing key, refused or absent credentials, a store silent past ``retry_seconds``)
+is a ``StoreError``: one line naming the shard, never a skipped shard.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 
 import boto3
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from training.errors import UserError
 
@@ -49,9 +52,26 @@ def split_url(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-@lru_cache(maxsize=8)
+class StoreError(UserError):
+    """A problem with the store or its settings that no retry changes. ``message`` keeps the line:
+    webdataset appends the stream and URL to ``args`` of any exception that passes through its tar reader."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
 def client(settings: S3Settings):
-    """One boto3 client per process and settings (boto3 clients are thread-safe, not fork-safe)."""
+    """One boto3 client per process and settings (boto3 clients are thread-safe, not fork-safe: a
+    DataLoader worker forked after a check must not share the parent's pooled connections)."""
+    return _client(settings, os.getpid())
+
+
+@lru_cache(maxsize=8)
+def _client(settings: S3Settings, pid: int):
+    endpoint = settings.endpoint_url
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise StoreError(f"S3 endpoint URL '{endpoint}' must start with http:// or https://")
     kwargs = {
         "config": BotoConfig(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30),
     }
@@ -62,7 +82,11 @@ def client(settings: S3Settings):
     if settings.access_key_id:
         kwargs["aws_access_key_id"] = settings.access_key_id
         kwargs["aws_secret_access_key"] = settings.secret_access_key
-    return boto3.session.Session().client("s3", **kwargs)
+    try:
+        return boto3.session.Session().client("s3", **kwargs)
+    except ValueError as error:  # AWS_ENDPOINT_URL=localhost:9000, an unknown region format...
+        raise StoreError(f"cannot reach S3 with these settings: {error} (an endpoint URL starts with http:// "
+                         "or https://)") from None
 
 
 def _error_code(error: Exception) -> str:
@@ -82,7 +106,16 @@ def check(url: str, settings: S3Settings) -> int:
             code = _get_error_code(bucket, key, settings) or code
         raise UserError(f"cannot read {url}: {REASONS.get(code, code or 'error')}") from None
     except BotoCoreError as error:
-        raise UserError(f"cannot read {url}: {error}") from None
+        raise UserError(f"cannot read {url}: {fatal_reason(error) or error}") from None
+
+
+def read_small(url: str, settings: S3Settings) -> bytes | None:
+    """A small object's bytes (a ``sizes.json``), None when it is absent or cannot be read."""
+    bucket, key = split_url(url)
+    try:
+        return client(settings).get_object(Bucket=bucket, Key=key)["Body"].read()
+    except (ClientError, BotoCoreError):
+        return None
 
 
 REASONS = {
@@ -92,7 +125,18 @@ REASONS = {
     "SignatureDoesNotMatch": "the secret access key does not match the access key id (check the credentials)",
     "AccessDenied": "access denied (check the credentials and the bucket policy)",
     "403": "access denied (check the credentials)",
+    "404": "not found",
 }
+NO_CREDENTIALS = ("no credentials found (set data.s3_access_key_id and data.s3_secret_access_key, or "
+                  "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+
+
+def fatal_reason(error: Exception) -> str:
+    """Why no retry can help, in words; "" for a failure worth retrying (a reset, a timeout, a 5xx)."""
+    if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
+        return NO_CREDENTIALS if isinstance(error, NoCredentialsError) else f"{error} (check the credentials)"
+    code = _error_code(error)
+    return REASONS.get(code, code) if code in _FATAL_CODES else ""
 
 
 def _get_error_code(bucket: str, key: str, settings: S3Settings) -> str:
@@ -144,9 +188,15 @@ class S3Reader(io.RawIOBase):
                     self._open()
                 data = self.body.read(len(buffer))
                 break
+            except UserError:
+                raise
             except Exception as error:  # noqa: BLE001 - every transport failure looks different
-                if _error_code(error) in _FATAL_CODES or time.monotonic() > deadline:
-                    raise
+                reason = fatal_reason(error)
+                if reason:
+                    raise StoreError(f"cannot read {self.url}: {reason}") from None
+                if time.monotonic() > deadline:
+                    raise StoreError(f"cannot read {self.url}: no answer from the store for "
+                                     f"{self.settings.retry_seconds:g} s ({type(error).__name__}: {error})") from None
                 log.warning("S3 read of %s failed at byte %d (%s); retrying in %.1fs",
                             self.url, self.position, type(error).__name__, delay)
                 self.body = None

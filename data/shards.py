@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from braceexpand import braceexpand
 
 from data import s3
 from training.errors import UserError
+
+_CHECK_THREADS = 16  # concurrent HEADs: enough to check thousands of shards in seconds
 
 
 def split_sources(spec: str) -> list[str]:
@@ -42,10 +45,28 @@ def expand_shards(spec: str) -> list[str]:
 
 
 def check_remote(urls: list[str], settings: s3.S3Settings) -> None:
-    """Reach the store once (the first S3 shard) so a missing bucket or bad credentials fail early."""
-    remote = [u for u in urls if s3.is_s3(u)]
-    if remote and s3.check(remote[0], settings) == 0:
-        raise UserError(f"shard is empty: {remote[0]}")
+    """Every S3 shard exists and is non-empty, so a missing one fails before training, not as a gap in it.
+
+    The first is checked alone (a missing bucket or bad credentials is then one line, not one per
+    shard), the rest with concurrent HEADs.
+    """
+    remote = list(dict.fromkeys(u for u in urls if s3.is_s3(u)))
+    if not remote:
+        return
+    s3.check(remote[0], settings)
+
+    def problem(url: str) -> str | None:
+        try:
+            return None if s3.check(url, settings) else f"shard is empty: {url}"
+        except UserError as error:
+            return str(error)
+
+    with ThreadPoolExecutor(min(_CHECK_THREADS, len(remote))) as pool:
+        problems = [p for p in pool.map(problem, remote) if p]
+    if problems:
+        more = len(problems) - 1
+        more = f" (and {more} more shard{'s' if more > 1 else ''})" if more else ""
+        raise UserError(f"{problems[0]}{more}")
 
 
 def open_shard(url: str, settings: s3.S3Settings | None = None) -> dict:
@@ -55,22 +76,65 @@ def open_shard(url: str, settings: s3.S3Settings | None = None) -> dict:
     return {"url": url, "stream": open(url, "rb")}
 
 
-def count_samples(urls: list[str]) -> int:
-    """Samples in the shards: from ``sizes.json`` beside them when it lists them all, else by reading."""
+def count_samples(urls: list[str], settings: s3.S3Settings | None = None) -> int | None:
+    """Samples in the shards, None when a shard's count is unknown.
+
+    Each shard is counted from the ``sizes.json`` beside it (local, or on S3 when ``settings`` are
+    given); a local shard it does not list, from its ``{shard}_stats.json`` (img2dataset's
+    ``successes``), else by reading its headers. An S3 shard missing from ``sizes.json`` is unknown:
+    streaming it just to count is not worth it.
+    """
     total = 0
-    sizes_cache: dict[Path, dict] = {}
+    sizes: dict[str, dict[str, int]] = {}
     for url in urls:
-        if s3.is_s3(url):
-            continue  # counted by sizes.json only where it is local; the count is informational
-        path = Path(url)
-        sizes_file = path.parent / "sizes.json"
-        if sizes_file not in sizes_cache:
-            sizes_cache[sizes_file] = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
-        if path.name in sizes_cache[sizes_file]:
-            total += int(sizes_cache[sizes_file][path.name])
+        folder, _, name = url.rpartition("/")
+        if folder not in sizes:
+            sizes[folder] = _sizes_beside(url, settings)
+        if name in sizes[folder]:
+            total += sizes[folder][name]
+        elif s3.is_s3(url):
+            return None
         else:
-            total += _count_in_tar(path)
+            successes = _successes(Path(url))
+            total += _count_in_tar(Path(url)) if successes is None else successes
     return total
+
+
+def check_sizes(urls: list[str]) -> None:
+    """A local ``sizes.json`` beside the shards that is not a name -> count object is a one-line error
+    (cheap: for the checks that run before training starts)."""
+    for url in {str(Path(u).parent): u for u in urls if not s3.is_s3(u)}.values():
+        _sizes_beside(url, None)
+
+
+def _sizes_beside(url: str, settings: s3.S3Settings | None) -> dict[str, int]:
+    """The ``sizes.json`` in the shard's folder ({} when there is none, or it is on S3 out of reach)."""
+    if s3.is_s3(url):
+        where = f"{url.rpartition('/')[0]}/sizes.json"
+        text = None if settings is None else s3.read_small(where, settings)
+    else:
+        where = str(Path(url).with_name("sizes.json"))
+        text = Path(where).read_bytes() if Path(where).is_file() else None
+    if text is None:
+        return {}
+    try:
+        sizes = json.loads(text)
+        if not isinstance(sizes, dict):
+            raise ValueError("not an object of shard name -> sample count")
+        return {str(name): int(count) for name, count in sizes.items()}
+    except (ValueError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{where} is not a valid sizes.json ({error}); fix or delete it (the shards are then "
+                        "counted from their own files)") from None
+
+
+def _successes(path: Path) -> int | None:
+    """img2dataset's (and ``tandem data shards``') per-shard ``{shard}_stats.json`` count, if readable."""
+    stats = path.with_name(f"{path.name.rsplit('.', 1)[0]}_stats.json")
+    try:
+        successes = json.loads(stats.read_bytes()).get("successes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return successes if isinstance(successes, int) and successes >= 0 else None
 
 
 def _count_in_tar(path: Path) -> int:

@@ -11,30 +11,42 @@ or under ``s3://bucket/prefix``::
 
 Shard ``i`` holds the input rows ``[i * n, (i + 1) * n)`` minus those that could not be used (an
 unreadable image, a missing caption), which are counted by reason. Its bytes depend only on those
-rows, so shards can be written in any order, and a rerun after an interruption skips every shard
-whose stats file exists (written after the shard, each atomically) and yields identical output.
+rows and the options, so shards can be written in any order, and a rerun after an interruption skips
+every shard whose stats file (written after the shard, each atomically) holds the fingerprint of the
+same rows and options, and yields identical output. A rerun with other rows or options rebuilds the
+shards whose fingerprint differs and removes the shards beyond its own count, so the output never
+mixes two runs.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
 import json
+import logging
 import re
 import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 from PIL import Image, ImageOps
 
 from data import s3
-from data.files import add_tar_member, atomic_write
+from data.files import add_tar_member
+from data.modes import to_8bit
+from data.output import Output
 from training.errors import UserError
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_FORMAT = 1  # part of every shard's fingerprint: bump it when the same rows and options give other bytes
+_SHARD_FILE = re.compile(r"^(\d+)(\.tar|_stats\.json)$")
 
 
 @dataclass(frozen=True)
@@ -94,9 +106,8 @@ def table_rows(path: str | Path, image_key: str = "filepath", caption_key: str =
     else:
         if separator is None:
             separator = "\t" if path.suffix.lower() == ".tsv" else ","
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            records, columns = list(reader), list(reader.fieldnames or [])
+        with path.open("rb") as f:
+            records, columns = _csv_records(f, path, separator)
     missing = [k for k in (image_key, caption_key) if k not in columns]
     if missing:
         raise UserError(f"{path} has no column {' or '.join(map(repr, missing))} (columns: {', '.join(columns)}); "
@@ -111,6 +122,35 @@ def table_rows(path: str | Path, image_key: str = "filepath", caption_key: str =
         rows.append(Row(str(image_path), None if caption is None else str(caption).strip(),
                         (("filepath", str(image)), *extra)))
     return rows
+
+
+def _csv_records(f: BinaryIO, path: Path, separator: str) -> tuple[list[dict], list[str]]:
+    """The records and columns of a UTF-8 table (a BOM is allowed); its mistakes name their line."""
+    separator = {"\\t": "\t"}.get(separator, separator)  # --csv-separator '\t' arrives as two chars
+    if len(separator) != 1 or separator in "\"\r\n":
+        raise UserError(f"--csv-separator must be one character other than a quote or a newline ('\\t' for a "
+                        f"tab), got {separator!r}")
+    reader = csv.DictReader(_utf8_lines(f, path), delimiter=separator)
+    records = []
+    try:
+        for record in reader:
+            extra = record.pop(None, None)  # fields beyond the header's columns
+            if extra and any(field.strip() for field in extra):
+                raise UserError(f"{path} line {reader.line_num} has {len(reader.fieldnames) + len(extra)} fields "
+                                f"for {len(reader.fieldnames)} columns; quote fields that contain {separator!r}")
+            records.append(record)
+    except csv.Error as error:
+        raise UserError(f"{path} line {reader.line_num}: {error}") from None
+    return records, list(reader.fieldnames or [])
+
+
+def _utf8_lines(f: BinaryIO, path: Path) -> Iterator[str]:
+    """The file's lines as text, decoded one by one so that a bad byte is reported with its line."""
+    for number, line in enumerate(f, 1):
+        try:
+            yield line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} line {number} is not UTF-8 text; save the table as UTF-8") from None
 
 
 def input_rows(source: str, image_key: str = "filepath", caption_key: str = "caption",
@@ -139,6 +179,7 @@ def encode_image(data: bytes, options: WriteOptions) -> tuple[bytes, dict]:
             image.load()  # a truncated or corrupt JPEG fails here, not in the training loader
             return data, {"width": original[0], "height": original[1],
                           "original_width": original[0], "original_height": original[1]}
+        image = to_8bit(image)  # a 16-bit greyscale PNG would otherwise turn white
         if too_big:  # draft decode (DCT scaling) to >= 2x the target, then a good resample
             image.thumbnail((options.max_size, options.max_size), Image.Resampling.LANCZOS)
         image = ImageOps.exif_transpose(image)
@@ -189,99 +230,90 @@ def shard_bytes(rows: list[Row], shard: int, key_digits: tuple[int, int], option
     return buffer.getvalue(), stats
 
 
-# ---- output ---------------------------------------------------------------------------------------
+# ---- the whole job ----------------------------------------------------------------------------------
 
-class Output:
-    """A local folder or an S3 prefix; every ``put`` is atomic (tmp + rename, or one PUT)."""
+@dataclass(frozen=True)
+class _Job:
+    """One shard to build: its rows, place and the fingerprint its stats file will carry."""
 
-    def __init__(self, target: str, settings: s3.S3Settings):
-        self.target, self.settings = target.rstrip("/"), settings
-        self.remote = s3.is_s3(target)
-        if self.remote:
-            self.bucket, _, self.prefix = target[len("s3://"):].partition("/")
-            self.prefix = self.prefix.strip("/")
+    chunk: list[Row]
+    index: int
+    digits: tuple[int, int]
+    options: WriteOptions
+    output: Output
 
-    def check(self) -> None:
-        """Fail early, in one line naming the target, when the folder or bucket cannot be written."""
-        if not self.remote:
-            try:
-                Path(self.target).mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise UserError(f"cannot write {self.target}: {error.strerror or error}") from None
-            return
-        from botocore.exceptions import BotoCoreError, ClientError
+    @property
+    def name(self) -> str:
+        return f"{self.index:0{self.digits[0]}d}"
 
-        try:
-            s3.client(self.settings).head_bucket(Bucket=self.bucket)
-        except ClientError as error:
-            code = str(error.response.get("Error", {}).get("Code", ""))
-            if code == "403":  # a HEAD answer has no body: a listing says which credential is wrong
-                try:
-                    s3.client(self.settings).list_objects_v2(Bucket=self.bucket, MaxKeys=1)
-                except ClientError as detailed:
-                    code = str(detailed.response.get("Error", {}).get("Code", "")) or code
-            reason = s3.REASONS.get("NoSuchBucket" if code == "404" else code, code or "error")
-            raise UserError(f"cannot write {self.target}: {reason}") from None
-        except BotoCoreError as error:
-            raise UserError(f"cannot write {self.target}: {error}") from None
-
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-    def get(self, name: str) -> bytes | None:
-        if not self.remote:
-            path = Path(self.target) / name
-            return path.read_bytes() if path.is_file() else None
-        from botocore.exceptions import ClientError
-
-        try:
-            return s3.client(self.settings).get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
-        except ClientError as error:
-            if str(error.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey"):
-                return None
-            raise
-
-    def exists(self, name: str) -> bool:
-        if not self.remote:
-            return (Path(self.target) / name).is_file()
-        from botocore.exceptions import ClientError
-
-        try:
-            s3.client(self.settings).head_object(Bucket=self.bucket, Key=self._key(name))
-            return True
-        except ClientError as error:
-            if str(error.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey"):
-                return False
-            raise
-
-    def put(self, name: str, data: bytes) -> None:
-        if self.remote:
-            s3.client(self.settings).put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
-            return
-        atomic_write(Path(self.target) / name, data)
+    @property
+    def fingerprint(self) -> str:
+        """What the shard's bytes depend on: the rows, their place, the options and this format. Image
+        files are named, not read: one replaced in place under the same path is not noticed."""
+        rows = [(row.path, row.caption, list(row.extra)) for row in self.chunk]
+        described = [_FORMAT, self.index, list(self.digits), dataclasses.astuple(self.options), rows]
+        return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
 
 
-# ---- the whole job --------------------------------------------------------------------------------
-
-def _plan(rows: list[Row], per_shard: int) -> tuple[list[list[Row]], tuple[int, int]]:
+def _plan(rows: list[Row], options: WriteOptions, output: Output) -> list[_Job]:
+    per_shard = options.samples_per_shard
     chunks = [rows[i:i + per_shard] for i in range(0, len(rows), per_shard)]
-    return chunks, (max(5, len(str(len(chunks) - 1))), len(str(per_shard - 1)))
+    digits = (max(5, len(str(len(chunks) - 1))), len(str(per_shard - 1)))
+    return [_Job(chunk, index, digits, options, output) for index, chunk in enumerate(chunks)]
 
 
-def _write_one(job: tuple, progress: Callable[[int], None] | None = None) -> tuple[str, dict]:
-    """Build shard ``index`` and store it, then its stats (whose presence marks it complete)."""
-    chunk, index, digits, options, output = job
-    data, stats = shard_bytes(chunk, index, digits, options, progress)
-    name = f"{index:0{digits[0]}d}"
-    output.put(f"{name}.tar", data)
-    output.put(f"{name}_stats.json", json.dumps(stats, indent=2).encode())
-    return name, stats
+def _write_one(job: _Job, progress: Callable[[int], None] | None = None) -> tuple[str, dict]:
+    """Build the shard and store it, then its stats (whose fingerprint marks it complete)."""
+    data, stats = shard_bytes(job.chunk, job.index, job.digits, job.options, progress)
+    stats["fingerprint"] = job.fingerprint
+    job.output.put(f"{job.name}.tar", data)
+    job.output.put(f"{job.name}_stats.json", json.dumps(stats, indent=2).encode())
+    return job.name, stats
+
+
+def _complete(job: _Job, present: set[str]) -> dict | None:
+    """The stats of the shard already written from the same rows and options, else None."""
+    if not {f"{job.name}.tar", f"{job.name}_stats.json"} <= present:
+        return None
+    saved = job.output.get(f"{job.name}_stats.json")
+    try:
+        stats = json.loads(saved) if saved is not None else None
+    except ValueError:
+        return None
+    return stats if isinstance(stats, dict) and stats.get("fingerprint") == job.fingerprint else None
+
+
+def _clear(output: Output, jobs: list[_Job], present: set[str], rebuilt: int) -> None:
+    """Before any shard changes: drop the totals (rewritten at the end, so an interrupted rerun leaves
+    none that describe other shards) and the shards of an earlier run beyond this run's count."""
+    keep = {job.name for job in jobs}
+    stale = sorted(n for n in present if (m := _SHARD_FILE.match(n)) and m.group(1) not in keep)
+    for name in ("sizes.json", "stats.json", *stale):
+        if name in present:
+            output.remove(name)
+    if rebuilt or stale:
+        log.warning("%s held shards of other rows or options: %d rebuilt, %d files beyond this run's %d shards "
+                    "removed", output.target, rebuilt, len(stale), len(jobs))
+
+
+def _totals(done: dict[str, dict]) -> tuple[dict, dict]:
+    """(sizes.json, stats.json) of the finished shards."""
+    ordered = sorted(done.items())
+    sizes = {f"{name}.tar": stats["successes"] for name, stats in ordered}
+    failures: Counter = Counter()
+    for _, stats in ordered:
+        failures.update(stats["failures"])
+    totals = {"shards": len(ordered), "count": sum(s["count"] for _, s in ordered),
+              "successes": sum(sizes.values()), "failed": sum(failures.values()),
+              "failures": dict(sorted(failures.items()))}
+    return sizes, totals
 
 
 def write_shards(rows: list[Row], out: str, options: WriteOptions = WriteOptions(), *,
                  settings: s3.S3Settings = s3.S3Settings(), workers: int = 1,
                  progress: Callable[[int], None] | None = None) -> dict:
-    """Write ``rows`` as shards under ``out``; shards already complete there are kept as they are.
+    """Write ``rows`` as shards under ``out``; shards already complete there from the same rows and options
+    are kept as they are, others rebuilt, and shards beyond this run's count removed.
 
     Args:
         rows: The samples, in order (see ``input_rows``).
@@ -293,6 +325,9 @@ def write_shards(rows: list[Row], out: str, options: WriteOptions = WriteOptions
 
     Returns:
         The totals also written to ``stats.json``, plus ``resumed``: shards found complete.
+
+    Raises:
+        UserError: Bad options, an unwritable target, or no row that gives a sample (then no shard is left).
     """
     if options.samples_per_shard < 1:
         raise UserError(f"samples per shard must be >= 1, got {options.samples_per_shard}")
@@ -300,38 +335,37 @@ def write_shards(rows: list[Row], out: str, options: WriteOptions = WriteOptions
         raise UserError("no input rows")
     output = Output(out, settings)
     output.check()
-    chunks, digits = _plan(rows, options.samples_per_shard)
+    jobs = _plan(rows, options, output)
+    present = set(output.names())
     done: dict[str, dict] = {}
     todo = []
-    for index, chunk in enumerate(chunks):
-        name = f"{index:0{digits[0]}d}"
-        saved = output.get(f"{name}_stats.json")
-        if saved is not None and output.exists(f"{name}.tar"):
-            done[name] = json.loads(saved)
-            if progress:
-                progress(len(chunk))
-        else:
-            todo.append((chunk, index, digits, options, output))
+    for job in jobs:
+        stats = _complete(job, present)
+        if stats is None:
+            todo.append(job)
+            continue
+        done[job.name] = stats
+        if progress:
+            progress(len(job.chunk))
     resumed = len(done)
+    _clear(output, jobs, present, rebuilt=sum(f"{job.name}_stats.json" in present for job in todo))
     if workers > 1 and len(todo) > 1:
-        # boto3 clients do not survive a fork: each worker process makes its own
-        with ProcessPoolExecutor(workers, initializer=s3.client.cache_clear) as pool:
+        with ProcessPoolExecutor(workers) as pool:  # each process makes its own boto3 client (s3.client)
             for (name, stats), job in zip(pool.map(_write_one, todo), todo):
                 done[name] = stats
                 if progress:
-                    progress(len(job[0]))
+                    progress(len(job.chunk))
     else:
         for job in todo:
             name, stats = _write_one(job, progress)
             done[name] = stats
-    ordered = sorted(done.items())
-    sizes = {f"{name}.tar": stats["successes"] for name, stats in ordered}
-    failures: Counter = Counter()
-    for _, stats in ordered:
-        failures.update(stats["failures"])
-    totals = {"shards": len(ordered), "count": sum(s["count"] for _, s in ordered),
-              "successes": sum(sizes.values()), "failed": sum(failures.values()),
-              "failures": dict(sorted(failures.items()))}
+    sizes, totals = _totals(done)
+    if not totals["successes"]:
+        for job in jobs:
+            output.remove(f"{job.name}.tar")
+            output.remove(f"{job.name}_stats.json")
+        raise UserError(f"none of the {totals['count']} input rows gave a sample, so no shard was written: "
+                        f"{json.dumps(totals['failures'])}")
     output.put("sizes.json", json.dumps(sizes, indent=2).encode())
     output.put("stats.json", json.dumps(totals, indent=2).encode())
     return {**totals, "resumed": resumed}

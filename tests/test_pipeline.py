@@ -6,12 +6,15 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data.classes import load_classes
-from data.pipeline import ShardStream, StreamSpec, decode_sample, make_loader
-from data.shards import count_samples, expand_shards
+from data.pipeline import ShardStream, StreamSpec, decode_image, decode_sample, make_loader
+from data.shards import check_sizes, count_samples, expand_shards
+from data.writer import WriteOptions, encode_image
 from training.errors import UserError
 
 TRANSFORM = lambda image: torch.tensor(image.size)  # noqa: E731 - keeps batches tiny and exact
@@ -131,3 +134,80 @@ def test_decode_sample_and_classes(synth_data, tmp_path):
     bad.write_text(json.dumps({"classes": ["a"]}))
     with pytest.raises(UserError, match="classes"):
         load_classes(bad)
+
+
+def _with_garbage(synth_data: Path, folder: Path, bad: set[int]) -> list[str]:
+    """Copies of the 4 train shards, those in ``bad`` replaced by bytes that are no tar."""
+    urls = []
+    for i, path in enumerate(shards(synth_data / "train")):
+        target = folder / Path(path).name
+        target.write_bytes(b"\x17 not a tar " * 100 if i in bad else Path(path).read_bytes())
+        urls.append(str(target))
+    return urls
+
+
+def test_a_broken_shard_is_skipped_by_every_slot_and_only_all_broken_is_an_error(synth_data, tmp_path):
+    urls = _with_garbage(synth_data, tmp_path, bad={2})
+    for rank in range(2):  # 4 slots, one shard each per epoch: in 2 epochs some slot draws only the bad one
+        for role in range(2):
+            batches = take(stream(urls, rank=rank, world=2, workers=2, role=role, buffer=16), 16)
+            assert all(len(b["key"]) == 8 for b in batches)
+    everything_bad = _with_garbage(synth_data, tmp_path, bad={0, 1, 2, 3})
+    with pytest.raises(UserError, match=r"^no samples could be read from any of the 4 shards"):
+        take(stream(everything_bad, rank=1, world=2, workers=2, role=1), 1)
+    # raised in a DataLoader worker, it reaches the caller as its one line, not the worker's traceback
+    spec = StreamSpec(urls=everything_bad[:2], batch_size=8, workers=2)
+    with pytest.raises(UserError) as raised:
+        next(iter(make_loader(spec, TRANSFORM, TOKENIZE, None)))
+    assert str(raised.value) == f"no samples could be read from any of the 2 shards ({', '.join(everything_bad[:2])})"
+
+
+def test_resume_reads_only_the_current_epoch_and_continues_exactly(synth_data, monkeypatch):
+    from data.shards import open_shard
+
+    opened = []
+    monkeypatch.setattr("data.pipeline.open_shard", lambda url, s3=None: opened.append(url) or open_shard(url, s3))
+    urls = shards(synth_data / "train")  # 256 samples an epoch
+    full = take(stream(urls, batch=16, buffer=32, seed=2), 104)  # 6.5 epochs
+    assert full[99]["resume"]["sources"] == [[6, 64]]  # epoch 6, its first 64 samples taken
+    opened.clear()
+    resumed = take(stream(urls, batch=16, buffer=32, seed=2, cursors={0: full[99]["resume"]}), 4)
+    assert [b["key"] for b in resumed] == [b["key"] for b in full[100:]]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[100:]))
+    assert len(opened) <= 4  # epoch 6's shards, not the 27 of the epochs before it
+    # several sources mixed by weight: each resumes within its own epoch
+    sources = {"urls": urls[:1], "more_sources": [urls[1:3]], "weights": [1.0, 3.0]}
+    spec = StreamSpec(batch_size=8, shuffle_buffer=20, seed=5, **sources)
+    full = take(ShardStream(spec, TRANSFORM, TOKENIZE, None), 60)
+    for k in (7, 31, 44):
+        again = StreamSpec(batch_size=8, shuffle_buffer=20, seed=5, cursors={0: full[k - 1]["resume"]}, **sources)
+        assert [b["key"] for b in take(ShardStream(again, TRANSFORM, TOKENIZE, None), 60 - k)] == \
+            [b["key"] for b in full[k:]]
+    assert full[59]["resume"]["sources"][0][0] >= 2  # the small source went round more than once
+
+
+def test_counts_come_from_sizes_or_stats_files_and_a_bad_sizes_file_is_one_line(synth_data, tmp_path):
+    urls = []
+    for i, path in enumerate(shards(synth_data / "train")[:2]):
+        urls.append(str(tmp_path / f"{i:05d}.tar"))
+        Path(urls[-1]).write_bytes(Path(path).read_bytes())
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 70, "successes": 60}))  # img2dataset's
+    assert count_samples(urls) == 60 + 64  # the stats file where there is one, else the tar's headers
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 5, "00001.tar": 6}))
+    assert count_samples(urls) == 11
+    assert count_samples(["s3://bucket/a.tar", *urls]) is None  # not 0: unknown without reading it
+    (tmp_path / "sizes.json").write_text('{"00000.tar": 5,\n}')
+    for call in (count_samples, check_sizes):
+        with pytest.raises(UserError, match=rf"^{tmp_path}/sizes\.json is not a valid sizes\.json \(Expecting"):
+            call(urls)
+
+
+def test_16_bit_greyscale_images_are_scaled_not_clipped_white():
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    png = io.BytesIO()
+    Image.fromarray(ramp).save(png, "PNG")
+    assert Image.open(io.BytesIO(png.getvalue())).mode.startswith("I")
+    loaded = np.asarray(decode_image(png.getvalue(), 64), dtype=float)
+    written = np.asarray(Image.open(io.BytesIO(encode_image(png.getvalue(), WriteOptions())[0])), dtype=float)
+    for pixels in (loaded, written):
+        assert abs(pixels.mean() - 127.5) < 3 and pixels.min() < 5 and pixels.max() > 250

@@ -15,7 +15,8 @@ import torch
 
 from data.pipeline import ShardStream, StreamSpec
 from data.s3 import S3Settings
-from data.shards import check_remote, expand_shards
+from data.shards import check_remote, count_samples, expand_shards
+from data.writer import folder_rows, write_shards
 from tests.conftest import free_port, tandem
 from training.errors import UserError
 
@@ -80,6 +81,36 @@ def test_missing_bucket_and_key_name_the_url(s3_server):
         check_remote([f"s3://{BUCKET}/train/missing.tar"], settings(s3_server))
 
 
+def test_every_shard_is_checked_and_a_shard_missing_mid_run_is_an_error_not_a_gap(s3_server):
+    urls = expand_shards(f"s3://{BUCKET}/train/shard-{{00000..00005}}.tar")  # 4 exist
+    with pytest.raises(UserError, match=rf"^cannot read s3://{BUCKET}/train/shard-00004\.tar: no such key "
+                                        r"\(and 1 more shard\)$"):
+        check_remote(urls, settings(s3_server))
+    # a shard deleted after the check: the reader names it instead of skipping it
+    with pytest.raises(UserError, match=rf"^cannot read s3://{BUCKET}/train/shard-00004\.tar: no such key$"):
+        keys(urls[3:5], settings(s3_server))
+    assert count_samples(urls[:4], settings(s3_server)) == 256  # from the sizes.json beside them
+    assert count_samples(urls[:4]) is None  # unknown, not 0, when the store is out of reach
+
+
+def test_settings_mistakes_are_one_line_and_missing_credentials_are_not_retried(s3_server, monkeypatch):
+    shard = f"s3://{BUCKET}/train/shard-00000.tar"
+    with pytest.raises(UserError, match="^S3 endpoint URL 'localhost:9000' must start with http:// or https://$"):
+        check_remote([shard], S3Settings(endpoint_url="localhost:9000"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "localhost:9000")
+    with pytest.raises(UserError, match="^cannot reach S3 with these settings: Invalid endpoint: localhost:9000"):
+        check_remote([shard], S3Settings(region="eu-west-3"))
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    anonymous = S3Settings(endpoint_url=s3_server.url, region="us-east-1", retry_seconds=2)
+    with pytest.raises(UserError, match=rf"^cannot read {shard}: no credentials found"):
+        keys([shard], anonymous)
+
+
 def test_cli_reports_a_missing_bucket_in_one_line(s3_server, tmp_path):
     cfg = tmp_path / "s3.toml"
     cfg.write_text(f'[data]\ntrain_shards = "s3://nobucket/shard-{{0..3}}.tar"\ns3_endpoint_url = "{s3_server.url}"\n')
@@ -93,17 +124,18 @@ AUTH_BUCKET = "tandem-private"
 
 
 @pytest.fixture(scope="module")
-def auth_server(synth_data):
-    """moto's S3 with IAM authentication on, in its own process: only the key of the user created here works.
+def auth_keys(synth_data):
+    """moto's S3 with IAM authentication on, in its own process: only the keys of the users created here work,
+    ``{"full": S3Settings, "read_only": S3Settings}`` (the second may get objects and list buckets, no more).
 
     ``INITIAL_NO_AUTH_ACTION_COUNT`` is read once when moto is imported and holds for its whole process, so
     this server cannot share the test process with the ThreadedMotoServer above (which accepts any key).
-    The first 3 requests (create the user, give it S3 rights, create its key) pass unauthenticated.
+    The first 6 requests (per user: create it, give it rights, create its key) pass unauthenticated.
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "6"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
@@ -116,20 +148,36 @@ def auth_server(synth_data):
                 time.sleep(0.1)
         iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="anonymous",
                            aws_secret_access_key="anonymous")
-        iam.create_user(UserName="trainer")
-        iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps({
-            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-        key = iam.create_access_key(UserName="trainer")["AccessKey"]
-        good = S3Settings(endpoint_url=url, region="us-east-1", access_key_id=key["AccessKeyId"],
-                          secret_access_key=key["SecretAccessKey"], retry_seconds=5)
+        users = {}
+        for user, actions in (("full", "s3:*"), ("read_only", ["s3:GetObject", "s3:ListBucket"])):
+            iam.create_user(UserName=user)
+            iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps({
+                "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            users[user] = S3Settings(endpoint_url=url, region="us-east-1", access_key_id=key["AccessKeyId"],
+                                     secret_access_key=key["SecretAccessKey"], retry_seconds=5)
         from data.s3 import client
 
-        client(good).create_bucket(Bucket=AUTH_BUCKET)
-        client(good).upload_file(str(synth_data / "train" / "shard-00000.tar"), AUTH_BUCKET, "shard-0.tar")
-        yield good
+        client(users["full"]).create_bucket(Bucket=AUTH_BUCKET)
+        client(users["full"]).upload_file(str(synth_data / "train" / "shard-00000.tar"), AUTH_BUCKET, "shard-0.tar")
+        yield users
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def auth_server(auth_keys):
+    return auth_keys["full"]
+
+
+def test_read_only_credentials_stop_the_writer_in_one_line_naming_the_file(auth_keys, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "red.jpg")
+    (tmp_path / "red.txt").write_text("a red square")
+    with pytest.raises(UserError, match=rf"^cannot write s3://{AUTH_BUCKET}/out/00000\.tar: access denied"):
+        write_shards(folder_rows(tmp_path), f"s3://{AUTH_BUCKET}/out", settings=auth_keys["read_only"])
 
 
 def test_bad_credentials_give_one_line_naming_the_url(auth_server, tmp_path):

@@ -62,8 +62,11 @@ def test_moco_train_evaluate_export_and_resume(tmp_path, synth_data):
     cfg = write_config(tmp_path / "split.toml", synth_data, split_dir, stop_at=2)
     first = tandem("train", "--config", str(cfg))
     assert first.returncode == 0, first.stderr[-4000:]
-    second = tandem("train", "--config", str(cfg), "--set", "train.stop_at=0", "--resume", "latest")
+    # stop_at at the last step is no stop: the run finishes, evaluates and exports
+    second = tandem("train", "--config", str(cfg), "--set", "train.stop_at=4", "--resume", "latest")
     assert second.returncode == 0, second.stderr[-4000:]
+    assert json.loads((split_dir / "eval.jsonl").read_text().splitlines()[-1])["step"] == 4
+    assert (split_dir / "export" / "backbone.safetensors").is_file()
     full, resumed = module_state(full_dir), module_state(split_dir)
     assert {"queue.keys", "queue.ptr", "calls"} <= set(full) and any(k.startswith("key_backbone.") for k in full)
     assert full.keys() == resumed.keys()

@@ -3,6 +3,7 @@
 import csv
 import json
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -19,6 +20,7 @@ from data.s3 import S3Settings
 from data.writer import WriteOptions, folder_rows, input_rows, write_shards
 from tests.conftest import tandem
 from tests.test_s3 import CREDS, MotoServer
+from training.errors import UserError
 
 
 def _image(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
@@ -127,11 +129,55 @@ def test_interrupted_writing_resumes_to_identical_output(images, tmp_path):
     assert written(tmp_path / "parallel") == written(tmp_path / "whole")
 
 
+def test_a_rerun_with_other_rows_or_options_rebuilds_and_never_mixes(images, tmp_path):
+    rows, out = folder_rows(images), tmp_path / "out"
+
+    def fresh(rows, options) -> dict[str, bytes]:
+        folder = tmp_path / f"fresh{len(list(tmp_path.iterdir()))}"
+        write_shards(rows, str(folder), options)
+        return written(folder)
+
+    write_shards(rows, str(out), WriteOptions(samples_per_shard=4))  # 3 shards
+    assert write_shards(rows, str(out), WriteOptions(samples_per_shard=6))["resumed"] == 0  # 2 shards
+    assert written(out) == fresh(rows, WriteOptions(samples_per_shard=6))  # 00002.tar of the first run is gone
+    assert write_shards(rows, str(out), WriteOptions(samples_per_shard=6, quality=50))["resumed"] == 0
+    assert written(out) == fresh(rows, WriteOptions(samples_per_shard=6, quality=50))
+    changed = [replace(row, caption="another caption") if i == 7 else row for i, row in enumerate(rows)]
+    assert write_shards(changed, str(out), WriteOptions(samples_per_shard=6, quality=50))["resumed"] == 1
+    assert written(out) == fresh(changed, WriteOptions(samples_per_shard=6, quality=50))
+
+
+def test_table_mistakes_are_one_line_naming_the_line(images, tmp_path):
+    image = str(images / "img00.jpg")
+    (tmp_path / "comma.csv").write_text(f"filepath,caption\n{image},fine\n{image},a cat, on a mat\n")
+    with pytest.raises(UserError, match=r"comma\.csv line 3 has 3 fields for 2 columns; quote fields that contain ','"):
+        input_rows(str(tmp_path / "comma.csv"))
+    (tmp_path / "latin.csv").write_bytes(f"filepath,caption\n{image},dog\n{image},caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin\.csv line 3 is not UTF-8 text"):
+        input_rows(str(tmp_path / "latin.csv"))
+    (tmp_path / "bom.csv").write_bytes(f"filepath,caption\n{image},a dog\n".encode("utf-8-sig"))
+    (tmp_path / "tabs.csv").write_text(f"filepath\tcaption\n{image}\ta dog\n")
+    assert input_rows(str(tmp_path / "bom.csv")) == input_rows(str(tmp_path / "tabs.csv"), separator="\\t")
+    assert [row.caption for row in input_rows(str(tmp_path / "bom.csv"))] == ["a dog"]
+    with pytest.raises(UserError, match="--csv-separator must be one character"):
+        input_rows(str(tmp_path / "tabs.csv"), separator="ab")
+
+
+def test_when_no_row_gives_a_sample_it_is_an_error_and_no_shard_is_left(images, tmp_path):
+    rows = [row for row in folder_rows(images) if Path(row.path).stem in ("broken", "cut", "nocaption")]
+    with pytest.raises(UserError, match=r"^none of the 3 input rows gave a sample, so no shard was written: "
+                                        r'\{.*"missing caption": 1'):
+        write_shards(rows, str(tmp_path / "out"), WriteOptions(samples_per_shard=2))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_cli_bad_input_is_one_line(images, tmp_path):
     (tmp_path / "bad.csv").write_text("path,text\nx.jpg,hello\n")
+    (tmp_path / "comma.csv").write_text("filepath,caption\nx.jpg,a cat, on a mat\n")
     cases = [(["--input", str(tmp_path / "nope")], "input must be a folder or a .csv/.tsv/.parquet file"),
              (["--input", str(tmp_path / "nope.csv")], "input table not found"),
-             (["--input", str(tmp_path / "bad.csv")], "has no column 'filepath' or 'caption'")]
+             (["--input", str(tmp_path / "bad.csv")], "has no column 'filepath' or 'caption'"),
+             (["--input", str(tmp_path / "comma.csv")], "comma.csv line 2 has 3 fields for 2 columns")]
     for args, message in cases:
         proc = tandem("data", "shards", *args, "--out", str(tmp_path / "out"))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
@@ -157,6 +203,13 @@ def test_cli_writes_to_s3_and_names_a_missing_bucket(images, tmp_path):
         remote = read_back([f"s3://out/laion/{i:05d}.tar" for i in range(3)], settings)
         write_shards(folder_rows(images), str(tmp_path / "local"), WriteOptions(samples_per_shard=4))
         assert remote == read_back(sorted(str(p) for p in (tmp_path / "local").glob("*.tar")))
+        # a rerun with other options rebuilds, and removes the shard beyond its count from the prefix too
+        write_shards(folder_rows(images), "s3://out/laion", WriteOptions(samples_per_shard=6), settings=settings)
+        listed = boto3.client("s3", endpoint_url=server.url, region_name="us-east-1", aws_access_key_id="testing",
+                              aws_secret_access_key="testing").list_objects_v2(Bucket="out", Prefix="laion/")
+        assert sorted(item["Key"] for item in listed["Contents"]) == [
+            f"laion/{name}" for name in ("00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json",
+                                         "sizes.json", "stats.json")]
         proc = tandem("data", "shards", "--input", str(images), "--out", "s3://missing/x",
                       "--s3-endpoint-url", server.url, env=CREDS)
         assert proc.returncode == 2 and proc.stderr == "tandem: error: cannot write s3://missing/x: no such bucket\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from data.classes import load_classes
 from data.s3 import S3Settings
-from data.shards import check_remote, expand_shards, split_sources
+from data.shards import check_remote, check_sizes, expand_shards, split_sources
 from training.config import Config
 from training.errors import UserError
 from training.model_config import EXPORT_CONFIG_FILE, MODEL_CFG_FILE, resolve_model_config
@@ -26,7 +26,9 @@ def check_inputs(cfg: Config, resume: str | None = None) -> None:
     weights = parse_weights(cfg.data.train_weights)
     if weights and len(weights) != len(sources):
         raise UserError(f"data.train_weights has {len(weights)} weights for {len(sources)} sources")
-    check_remote(expand_shards(cfg.data.train_shards), s3_settings(cfg))
+    train_urls = expand_shards(cfg.data.train_shards)
+    check_remote(train_urls, s3_settings(cfg))
+    check_sizes(train_urls)
     if resume and resume != "latest" and not (Path(cfg.train.run_dir) / "checkpoints" / resume).is_dir():
         raise UserError(f"no checkpoint '{resume}' in {Path(cfg.train.run_dir) / 'checkpoints'}")
     resolve_model_config(cfg.model)

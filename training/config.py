@@ -301,7 +301,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("method.knn_k", *_at_least(1)),
     ("method.knn_temperature", *_above(0)),
     ("method.linear_steps", *_at_least(1)),
-    ("method.eval_train_samples", *_at_least(1)),
+    ("method.eval_train_samples", *_at_least(2, "the probe standardises features over them")),
     ("method.collapse_threshold", *_at_least(0)),
 )
 _SECTION_TYPES = {f.name: type(f.default_factory()) for f in fields(Config)}

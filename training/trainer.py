@@ -46,7 +46,8 @@ class DataCursor:
     world: int
     workers: int
     seed: int
-    positions: dict[int, int] = field(default_factory=dict)
+    positions: dict[int, int | dict] = field(default_factory=dict)
+    """Per role: its last batch's ``resume`` state (a plain count in checkpoints of older versions)."""
     consumed: int = 0
     """Batches this rank has taken from the loader (one per micro-step)."""
     start_epoch: int = 0
@@ -55,7 +56,7 @@ class DataCursor:
     """Newest epoch any of this rank's batches came from."""
 
     def advance(self, batch: dict[str, Any]) -> None:
-        self.positions[int(batch["role"])] = int(batch["cursor"])
+        self.positions[int(batch["role"])] = batch["resume"]
         self.consumed += 1
         self.epoch = max(self.epoch, int(batch["epoch"]))
 
@@ -222,10 +223,18 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, total_steps=cfg.steps, start_step=self.step,
                                 port=cfg.metrics_port, enabled=distributed.is_main())
         if distributed.is_main() and self.step == 0:
-            samples = self.cfg.data.train_num_samples or count_samples(expand_shards(self.cfg.data.train_shards))
+            samples = self.cfg.data.train_num_samples or count_samples(
+                expand_shards(self.cfg.data.train_shards), s3_settings(self.cfg))
             global_batch = self.cfg.data.batch_size * distributed.world_size() * cfg.accum_steps
-            log.info("%d training samples, global batch %d, %.2f epochs", samples, global_batch,
-                     cfg.steps * global_batch / max(samples, 1))
+            if samples is None:
+                log.info("training samples: unknown (S3 shards without a sizes.json beside them; "
+                         "data.train_num_samples sets the count), global batch %d", global_batch)
+            else:
+                log.info("%d training samples, global batch %d, %.2f epochs", samples, global_batch,
+                         cfg.steps * global_batch / max(samples, 1))
+        if 0 < cfg.stop_at <= self.step:
+            log.warning("train.stop_at %d is not after the resumed step %d: the run goes on to train.steps %d",
+                        cfg.stop_at, self.step, cfg.steps)
         batches = iter(self._loader())
         result: dict[str, float] = {}
         trace = self._key_trace()
@@ -245,7 +254,7 @@ class Trainer:
                     trace.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._record(metrics, loss, waited, time.perf_counter() - start)
-                stop = self.step == cfg.stop_at
+                stop = self.step == cfg.stop_at < cfg.steps  # at the last step the run just finishes
                 if stop or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:

@@ -1,0 +1,31 @@
+"""High-bit-depth images (16-bit greyscale PNG, 32-bit integer or float TIFF) scaled to 8 bits.
+
+PIL's ``convert("RGB")`` clips such pixels at 255 instead of scaling them, so a 16-bit image comes
+out almost all white in both the loader and the shard writer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An ``L`` image for the modes above (their values scaled to 0-255), else ``image`` itself.
+
+    16-bit modes span 0-65535. A 32-bit integer image is taken as 16-bit when a value exceeds 255 (a
+    16-bit PNG opens as ``I`` in some PIL versions), else as 8-bit; a float image as 0-1 when no value
+    exceeds 1, else as 0-255.
+    """
+    if image.mode not in HIGH_BIT_MODES:
+        return image
+    pixels = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and pixels.size and pixels.max() > 255):
+        pixels = pixels / 257.0  # 65535 -> 255
+    elif image.mode == "F" and pixels.size and pixels.max() <= 1.0:
+        pixels = pixels * 255.0
+    out = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    out.info = dict(image.info)  # keeps the EXIF orientation for exif_transpose
+    return out
