@@ -2,7 +2,8 @@
 
 The model (and index) load in the app's lifespan, on a thread, while the server already answers:
 ``/healthz`` is 200 from the start and ``/readyz`` is 503 until loading has finished, so an
-orchestrator neither kills a pod that is loading a large model nor sends it traffic too early.
+orchestrator neither kills a pod that is loading a large model nor sends it traffic too early. Both
+are 503 once loading has failed or the model thread has stopped: the pod is restarted.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations at runtime, and
@@ -24,12 +25,12 @@ from pydantic import ValidationError
 
 from serving import schemas
 from serving.engine import Engine, load_engine
-from serving.errors import NotReady, TooLarge, Unauthorized, install_handlers
+from serving.errors import BadInput, NotReady, TooLarge, Unauthorized, install_handlers
 from serving.index import Index
 from serving.metrics import ServingMetrics
 from serving.middleware import BodyLimitMiddleware, MetricsMiddleware
 from serving.service import Service
-from serving.settings import ServeSettings
+from serving.settings import MAX_BODY_MB, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,15 @@ class AppState:
             log.exception("loading failed")
             self.error = f"{type(error).__name__}: {error}"
 
+    def failure(self) -> str | None:
+        """Why this process cannot serve any more (loading failed, the model thread stopped), or None."""
+        if self.error:
+            return self.error
+        if self.service is not None and self.service.batcher.failure:
+            self.metrics.ready.set(0)  # the gauge says what the probes say
+            return self.service.batcher.failure
+        return None
+
 
 def create_app(settings: ServeSettings, *, loader: Loader | None = None,
                loaded: tuple[Engine, Index | None] | None = None) -> FastAPI:
@@ -107,7 +117,10 @@ def create_app(settings: ServeSettings, *, loader: Loader | None = None,
 
     def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         token = settings.api_token
-        if token and not (credentials and hmac.compare_digest(credentials.credentials.encode(), token.encode())):
+        # The header's bytes arrive decoded as latin-1; encoded back they are what the client sent, and
+        # a UTF-8 client sends TANDEM_API_TOKEN's UTF-8 bytes (a non-ASCII token matches too).
+        if token and not (credentials and hmac.compare_digest(credentials.credentials.encode("latin-1"),
+                                                              token.encode("utf-8"))):
             raise Unauthorized("missing or wrong bearer token")
 
     def service() -> Service:
@@ -121,18 +134,19 @@ def create_app(settings: ServeSettings, *, loader: Loader | None = None,
     @app.get("/healthz", response_model=schemas.Health, response_model_exclude_none=True,
              responses={503: {"model": schemas.Health}})
     async def healthz():
-        """Liveness: 200 while the process works (503 only if loading failed: restart it)."""
-        if state.error:
-            return JSONResponse({"status": "failed", "detail": state.error}, 503)
+        """Liveness: 200 while the process works (503 if loading failed or the model thread stopped: restart it)."""
+        if failure := state.failure():
+            return JSONResponse({"status": "failed", "detail": failure}, 503)
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=schemas.Health, response_model_exclude_none=True,
              responses={503: {"model": schemas.Health}})
     async def readyz():
-        """Readiness: 200 once the model (and index) are loaded, 503 before."""
+        """Readiness: 200 once the model (and index) are loaded, 503 before and after a failure."""
+        if failure := state.failure():
+            return JSONResponse({"status": "failed", "detail": failure}, 503)
         if state.service is None:
-            status = {"status": "failed", "detail": state.error} if state.error else {"status": "loading"}
-            return JSONResponse(status, 503)
+            return JSONResponse({"status": "loading"}, 503)
         return {"status": "ready"}
 
     @app.get("/metrics", dependencies=[Depends(authorized)], response_class=Response,
@@ -182,6 +196,9 @@ def create_app(settings: ServeSettings, *, loader: Loader | None = None,
             where = json.loads(filter) if filter else None
         except json.JSONDecodeError as error:
             raise RequestValidationError([{"loc": ("body", "filter"), "msg": f"not JSON: {error}"}]) from None
+        except (ValueError, RecursionError) as error:  # an integer over Python's digit limit, deep nesting
+            # 400, as the JSON routes answer a body that json cannot parse
+            raise BadInput(f"filter cannot be parsed ({type(error).__name__})") from None
         body = _validate(schemas.SearchOptions, k=k, filter=where)
         return _json(await svc.search("/v1/search/upload", body, image=(await _read([image], settings))[0]))
 
@@ -220,16 +237,21 @@ def check_settings(settings: ServeSettings) -> None:
     from serving.index import read_manifest
     from training.errors import UserError
 
-    limits = [("--max-batch-size", settings.max_batch_size >= 1, ">= 1"),
-              ("--workers", settings.workers >= 1, ">= 1"),
-              ("--max-wait-ms", settings.max_wait_ms >= 0, ">= 0"),
-              ("--threads", settings.threads >= 0, ">= 0 (0: one per core)"),
-              ("--max-pixels", settings.max_pixels >= 1, ">= 1"),
-              ("--max-body-mb", settings.max_body_bytes >= 1, "> 0"),
-              ("--label-cache", settings.label_cache >= 1, ">= 1")]
-    for flag, ok, rule in limits:
-        if not ok:
-            raise UserError(f"{flag} must be {rule}")
+    # Bounds far beyond any sensible value, so that a typo (or inf, or NaN: no comparison holds for it)
+    # is a one-line error here rather than an overflow inside the server
+    limits = [("--max-batch-size", settings.max_batch_size, 1, 65536),
+              ("--workers", settings.workers, 1, 1024),
+              ("--max-wait-ms", settings.max_wait_ms, 0, 60_000),
+              ("--threads", settings.threads, 0, 1024),
+              ("--max-pixels", settings.max_pixels, 1, 2**40),
+              ("--label-cache", settings.label_cache, 1, 100_000),
+              ("--nprobe", settings.nprobe, 1, 2**20),
+              ("--ef-search", settings.ef_search, 1, 2**20)]
+    for flag, value, low, high in limits:
+        if not low <= value <= high:
+            raise UserError(f"{flag} must be from {low} to {high}, got {value}")
+    if not 1 <= settings.max_body_bytes <= MAX_BODY_MB * 2**20:
+        raise UserError(f"--max-body-mb must be > 0 and at most {MAX_BODY_MB}")
     name, _ = check_model(settings.model, settings.weights)
     if settings.index:
         manifest = read_manifest(settings.index)

@@ -7,12 +7,16 @@ them. Under load the queue fills while the previous batch runs, so batches are f
 when idle a lone request waits ``max_wait_ms`` at most. The event loop never runs a forward pass.
 
 One thread for all kinds is deliberate: two concurrent forward passes on the same cores would only
-fight over them.
+fight over them. Should that thread ever stop (an error outside a batch's handler), ``failure``
+says why, everything queued and submitted later fails with ``ModelStopped`` (503), and the
+server's health probes report it, so the orchestrator restarts the process rather than leave
+requests waiting forever.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -38,6 +42,12 @@ class ShuttingDown(NotReady):
     """Work submitted to, or still queued in, a batcher that is closing (answered 503)."""
 
 
+class ModelStopped(NotReady):
+    """Work submitted to, or still queued in, a batcher whose model thread has stopped (answered 503)."""
+
+    code = "model_stopped"
+
+
 class Batcher:
     """Groups concurrent items of one kind into one call of ``handlers[kind](payloads) -> results``.
 
@@ -52,8 +62,8 @@ class Batcher:
     def __init__(self, handlers: dict[str, Callable[[list], Sequence]], *, max_batch_size: int = 32,
                  max_wait_ms: float = 5.0, on_batch: Callable[[str, int], None] | None = None,
                  on_depth: Callable[[str, int], None] | None = None) -> None:
-        if max_batch_size < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch_size must be >= 1 and max_wait_ms >= 0")
+        if max_batch_size < 1 or not (0 <= max_wait_ms < math.inf):
+            raise ValueError("max_batch_size must be >= 1 and max_wait_ms finite and >= 0")
         self.handlers = dict(handlers)
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -62,6 +72,7 @@ class Batcher:
         self._queues: dict[str, deque[_Item]] = {kind: deque() for kind in [*self.handlers, CALL]}
         self._cond = threading.Condition()
         self._closed = False
+        self.failure: str | None = None
         self._thread = threading.Thread(target=self._run, name="tandem-model", daemon=True)
         self._thread.start()
 
@@ -85,15 +96,24 @@ class Batcher:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
-        for kind, queue in self._queues.items():
-            while queue:
-                item = queue.popleft()
+        self._fail_queued(ShuttingDown("server is shutting down"))
+
+    def _fail_queued(self, error: Exception) -> None:
+        with self._cond:
+            taken = [(kind, list(queue)) for kind, queue in self._queues.items()]
+            for queue in self._queues.values():
+                queue.clear()
+        for _, items in taken:
+            for item in items:
                 if item.future.set_running_or_notify_cancel():
-                    item.future.set_exception(ShuttingDown("server is shutting down"))
+                    item.future.set_exception(error)
+        for kind, _ in taken:  # after every future is answered, whatever the callback does
             self._on_depth(kind, 0)
 
     def _put(self, kind: str, items: list[_Item]) -> None:
         with self._cond:
+            if self.failure is not None:
+                raise ModelStopped(self.failure)
             if self._closed:
                 raise ShuttingDown("server is shutting down")
             self._queues[kind].extend(items)
@@ -114,28 +134,38 @@ class Batcher:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._cond.wait(remaining)
-            taken = [queue.popleft() for _ in range(min(limit, len(queue)))]
-            self._on_depth(kind, len(queue))
+                self._cond.wait(min(remaining, threading.TIMEOUT_MAX))
+            count = min(limit, len(queue))
+            self._on_depth(kind, len(queue) - count)  # first: should it raise, the items are still queued
+            taken = [queue.popleft() for _ in range(count)]
         # A request whose client went away cancelled its futures: skip its items.
         return kind, [item for item in taken if item.future.set_running_or_notify_cancel()]
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            kind, items = batch
-            if not items:
-                continue
-            try:
-                if kind == CALL:
-                    results = [items[0].payload()]
-                else:
-                    self._on_batch(kind, len(items))
-                    results = self.handlers[kind]([item.payload for item in items])
-                    if len(results) != len(items):
-                        raise RuntimeError(f"handler '{kind}' returned {len(results)} results for {len(items)}")
-            except BaseException as error:  # noqa: BLE001 - handed to the waiting requests, never kills the thread
-                for item in items:
-                    item.future.set_exception(error)
-                continue
-            for item, result in zip(items, results):
-                item.future.set_result(result)
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._process(*batch)
+        except BaseException as error:  # noqa: BLE001 - reported by failure and the health probes
+            log.exception("the model thread stopped")
+            with self._cond:
+                self.failure = f"model thread stopped ({type(error).__name__}: {error}); restart the server"
+                self._closed = True
+            self._fail_queued(ModelStopped(self.failure))
+
+    def _process(self, kind: str, items: list[_Item]) -> None:
+        if not items:
+            return
+        try:
+            if kind == CALL:
+                results = [items[0].payload()]
+            else:
+                self._on_batch(kind, len(items))
+                results = self.handlers[kind]([item.payload for item in items])
+                if len(results) != len(items):
+                    raise RuntimeError(f"handler '{kind}' returned {len(results)} results for {len(items)}")
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting requests, never kills the thread
+            for item in items:
+                item.future.set_exception(error)
+            return
+        for item, result in zip(items, results):
+            item.future.set_result(result)

@@ -17,6 +17,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from serving.text import BoundedTokenizer
 from training.errors import UserError
 from training.model import register_configs
 from training.model_config import read_model_config
@@ -27,7 +28,11 @@ CONFIG_FILE = "open_clip_config.json"
 
 @dataclass
 class Engine:
-    """An open_clip model in eval mode with its eval transform and tokenizer."""
+    """An open_clip model in eval mode with its eval transform and tokenizer.
+
+    ``tokenize`` is the tokenizer at a bounded cost per text (``serving/text.py``): the server
+    tokenizes request texts with it, on its decode threads, and hands the tokens to the model thread.
+    """
 
     model: torch.nn.Module
     transform: Callable
@@ -41,6 +46,7 @@ class Engine:
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         # softmax(logit_scale.exp() * cosine) is CLIP's own zero-shot probability
         self.logit_scale = float(self.model.logit_scale.detach().float().exp())
+        self.tokenize = BoundedTokenizer(self.tokenizer)
         with torch.no_grad():
             self.embed_dim = int(self.encode_texts(["x"]).shape[1])
 
@@ -51,10 +57,14 @@ class Engine:
         return F.normalize(features.float(), dim=-1).cpu()
 
     @torch.no_grad()
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` token ids (from ``tokenize``) -> ``[B, D]`` L2-normalised float32 on the CPU."""
+        features = self.model.encode_text(tokens.to(self.device))
+        return F.normalize(features.float(), dim=-1).cpu()
+
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """``B`` strings -> ``[B, D]`` L2-normalised float32 on the CPU."""
-        features = self.model.encode_text(self.tokenizer(texts).to(self.device))
-        return F.normalize(features.float(), dim=-1).cpu()
+        return self.encode_tokens(self.tokenize(texts))
 
     def classify(self, image_features: torch.Tensor, label_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, cosine scores), both ``[B, C]``: softmax over the labels of scale * cosine."""

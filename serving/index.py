@@ -10,9 +10,20 @@ The directory (written by ``tandem index``, see ``training/indexing.py``) holds:
 - ``meta.jsonl`` + ``meta.offsets.npy``: one JSON record per id (``key``, ``caption``, ``url``,
   ``meta``) and its byte offset, so a hit's record is one ``pread`` and nothing is loaded up front.
 
-A metadata filter selects ids before the search: the matching ids go to FAISS as an ``IDSelector``
-in the search parameters, so ``k`` results come from the matching items (a post-filter would return
-fewer than ``k`` or none when the filter is selective).
+A metadata filter selects ids before the search, so ``k`` results come from the matching items (a
+post-filter would return fewer than ``k`` or none when the filter is selective):
+
+- up to ``EXACT_IDS`` matching items are searched exactly: their stored vectors times the query.
+  An approximate index cannot be trusted with them: IVF visits ``nprobe`` of its lists, which hold
+  a few of them or none, and HNSW's graph walk loses them among the items it must skip; and the
+  exact scores of a few thousand vectors cost less than any index search;
+- more matching items go to FAISS as an ``IDSelector`` in the search parameters; should a query come
+  back with fewer than ``k`` hits, the search is repeated with ``nprobe`` (IVF) or ``efSearch``
+  (HNSW) four times larger, up to all lists or all items, where nothing can be missed.
+
+A field's value -> ids table comes from one scan of ``meta.jsonl``; the scan also records which
+fields exist at all, so a filter on any other name is answered without a scan, and the tables of at
+most ``POSTINGS_FIELDS`` fields are kept.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +48,9 @@ INDEX_FILE = "index.faiss"
 META_FILE = "meta.jsonl"
 OFFSETS_FILE = "meta.offsets.npy"
 RECORD_FIELDS = ("key", "caption", "url")  # top-level in a record; any other filter field is in "meta"
+EXACT_IDS = 8192  # filters matching at most this many items are searched exactly (<= 32 MB of 1024-d vectors)
+WIDEN = 4  # a filtered search short of k hits is repeated with nprobe / efSearch this many times larger
+POSTINGS_FIELDS = 32  # fields whose value -> ids table is kept (least recently used goes first)
 
 Scalar = str | int | float | bool
 
@@ -82,8 +97,12 @@ class Index:
         self.nprobe, self.ef_search = nprobe, ef_search
         self._offsets = np.load(self.path / OFFSETS_FILE, mmap_mode="r")
         self._fd = os.open(self.path / META_FILE, os.O_RDONLY)
-        self._postings: dict[str, dict[str, np.ndarray]] = {}
-        self._postings_lock = threading.Lock()
+        self._postings: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._fields: set[str] | None = None  # every field some record has, known after the first scan
+        self._postings_lock = threading.Lock()  # held for lookups only, never for a scan
+        self._scan_lock = threading.Lock()
+        self._direct_map_lock = threading.Lock()
+        self._direct_map = not isinstance(self.index, faiss.IndexIVF)  # IVF needs one to reconstruct
 
     def close(self) -> None:
         os.close(self._fd)
@@ -107,37 +126,95 @@ class Index:
         return ids if ids is not None else np.arange(self.count, dtype=np.int64)
 
     def _field_postings(self, field: str) -> dict[str, np.ndarray]:
-        """value -> ids for one field, built by one scan of the metadata on the field's first use."""
-        with self._postings_lock:
-            if field not in self._postings:
-                lists: dict[str, list[int]] = {}
-                with open(self.path / META_FILE, "rb") as lines:
-                    for item, line in enumerate(lines):
-                        value = record_value(json.loads(line), field)
-                        if value is not None and not isinstance(value, (dict, list)):
-                            lists.setdefault(value_key(value), []).append(item)
-                self._postings[field] = {v: np.asarray(ids, np.int64) for v, ids in lists.items()}
-            return self._postings[field]
+        """value -> ids for one field, built by one scan of the metadata (one scan at a time)."""
+        found = self._cached(field)
+        if found is None:
+            with self._scan_lock:
+                found = self._cached(field)  # another request may have scanned it meanwhile
+                if found is None:
+                    found, fields = self._scan(field)
+                    with self._postings_lock:
+                        self._fields = fields
+                        self._postings[field] = found
+                        while len(self._postings) > POSTINGS_FIELDS:
+                            self._postings.popitem(last=False)
+        return found
 
-    def _params(self, selector: faiss.IDSelector | None) -> faiss.SearchParameters | None:
+    def _cached(self, field: str) -> dict[str, np.ndarray] | None:
+        with self._postings_lock:
+            if self._fields is not None and field not in self._fields:
+                return {}
+            found = self._postings.get(field)
+            if found is not None:
+                self._postings.move_to_end(field)
+            return found
+
+    def _scan(self, field: str) -> tuple[dict[str, np.ndarray], set[str]]:
+        """(value -> ids of ``field``, the names of all fields) from one pass over ``meta.jsonl``."""
+        lists: dict[str, list[int]] = {}
+        fields = set(RECORD_FIELDS)
+        with open(self.path / META_FILE, "rb") as lines:
+            for item, line in enumerate(lines):
+                record = json.loads(line)
+                meta = record.get("meta")
+                if isinstance(meta, dict):
+                    fields.update(meta)
+                value = record_value(record, field)
+                if value is not None and not isinstance(value, (dict, list)):
+                    lists.setdefault(value_key(value), []).append(item)
+        return {v: np.asarray(ids, np.int64) for v, ids in lists.items()}, fields
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """``[len(ids), D]`` stored vectors (an IVF index builds its id -> list map on the first call)."""
+        if not self._direct_map:
+            with self._direct_map_lock:
+                if not self._direct_map:
+                    faiss.extract_index_ivf(self.index).make_direct_map()
+                    self._direct_map = True
+        return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+
+    def _exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> list[list[tuple[int, float]]]:
+        """The ``k`` best of ``ids`` by exact cosine; ties in id order, as FAISS's flat search."""
+        scores = queries @ self.vectors(ids).T  # [Q, m]
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return [[(int(ids[j]), float(row[j])) for j in order] for order, row in zip(best, scores)]
+
+    def _params(self, selector: faiss.IDSelector | None, widen: int) -> faiss.SearchParameters | None:
         if isinstance(self.index, faiss.IndexIVF):
-            return faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)
+            return faiss.SearchParametersIVF(sel=selector, nprobe=min(self.nprobe * widen, self.index.nlist))
         if isinstance(self.index, faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, 1))
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=min(max(self.ef_search, 1) * widen, self.count))
         return faiss.SearchParameters(sel=selector) if selector is not None else None
 
+    def _widest(self, widen: int) -> bool:
+        """Whether ``widen`` already searches everything (all IVF lists, efSearch of all items, or flat)."""
+        if isinstance(self.index, faiss.IndexIVF):
+            return self.nprobe * widen >= self.index.nlist
+        if isinstance(self.index, faiss.IndexHNSW):
+            return max(self.ef_search, 1) * widen >= self.count
+        return True
+
     def search(self, queries: np.ndarray, k: int, where: dict | None = None) -> list[list[tuple[int, float]]]:
-        """``[Q, D]`` normalised queries -> per query up to ``k`` (id, cosine), best first."""
+        """``[Q, D]`` normalised queries -> per query up to ``k`` (id, cosine), best first.
+
+        With a filter, ``k`` hits whenever ``k`` items match (see the module's docstring).
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        selector = None
+        k, selector, matching = min(k, self.count), None, self.count
         if where:
             ids = self.matching_ids(where)
-            if not len(ids):
-                return [[] for _ in range(len(queries))]
-            selector = faiss.IDSelectorBatch(ids)
-        k = min(k, self.count)
-        if k == 0:
+            matching = len(ids)
+            if matching and matching <= EXACT_IDS:
+                return self._exact(queries, min(k, matching), ids)
+            if matching:
+                selector = faiss.IDSelectorBatch(ids)
+        if k == 0 or matching == 0:
             return [[] for _ in range(len(queries))]
-        scores, ids = self.index.search(queries, k, params=self._params(selector))
-        return [[(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
-                for row_ids, row_scores in zip(ids, scores)]
+        widen = 1
+        while True:
+            scores, found = self.index.search(queries, k, params=self._params(selector, widen))
+            hits = [[(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
+                    for row_ids, row_scores in zip(found, scores)]
+            if selector is None or self._widest(widen) or min(map(len, hits)) >= min(k, matching):
+                return hits
+            widen *= WIDEN

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import time
 
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.metrics import ServingMetrics
 
+# Label values stay a fixed set: any other method a client invents is counted as "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+CLIENT_CLOSED = "499"  # nginx's status for a client that went away before any response was sent
+
 
 class MetricsMiddleware:
-    """Counts every response (including the body limit's 413s and auth's 401s) by route template."""
+    """Counts every response (including the body limit's 413s and auth's 401s) by route template.
+
+    A request that ends with no response started is a 500 if the app raised, else (or when the
+    client's disconnect was the error) the client went away: ``CLIENT_CLOSED``, not a server error.
+    """
 
     def __init__(self, app: ASGIApp, metrics: ServingMetrics, routes: list) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -29,19 +38,23 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), 500
+        start, status = time.perf_counter(), CLIENT_CLOSED
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status = str(message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception as error:  # a cancellation (BaseException) is a client gone too
+            if status == CLIENT_CLOSED and not isinstance(error, ClientDisconnect):
+                status = "500"
+            raise
         finally:
-            route = self._route(scope)
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            route, method = self._route(scope), scope["method"]
+            self.metrics.requests.labels(route, method if method in METHODS else "other", status).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 

@@ -2,8 +2,9 @@
 
 Shape legend: B = images or texts of a request, C = labels, D = embed dim.
 
-Decoding (base64, PIL, the eval transform) runs on a pool of ``workers`` threads, the forward passes
-on the batcher's model thread, so the event loop only parses JSON and waits.
+Decoding (base64, PIL, the eval transform) and tokenizing run on a pool of ``workers`` threads, the
+forward passes on the batcher's model thread, so the event loop only parses JSON and waits and the
+model thread only runs the model.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Service:
             raise ValueError(f"index has dimension {index.dim}, the model embeds in {engine.embed_dim}")
         self.engine, self.index, self.settings, self.metrics = engine, index, settings, metrics
         self.pool = ThreadPoolExecutor(max(settings.workers, 1), thread_name_prefix="tandem-decode")
-        self.batcher = Batcher({"image": self._encode_images, "text": self._encode_texts},
+        self.batcher = Batcher({"image": self._encode_images, "text": self._encode_tokens},
                                max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
                                on_batch=metrics.on_batch, on_depth=metrics.on_depth)
         self._labels: OrderedDict[tuple, asyncio.Future] = OrderedDict()
@@ -62,8 +63,8 @@ class Service:
     def _encode_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(self.engine.encode_images(torch.stack(images)))
 
-    def _encode_texts(self, texts: list[str]) -> list[torch.Tensor]:
-        return list(self.engine.encode_texts(texts))
+    def _encode_tokens(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(self.engine.encode_tokens(torch.stack(tokens)))
 
     # ---- the three stages' building blocks ----
 
@@ -90,7 +91,9 @@ class Service:
         return await self._batched("image", images)
 
     async def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        return await self._batched("text", texts)
+        """``[B, D]``, tokenized on the pool, each text a separate item of the cross-request batches."""
+        tokens = await self._in_pool(self.engine.tokenize, texts)
+        return await self._batched("text", list(tokens))
 
     async def label_features(self, labels: list[str], templates: list[str]) -> torch.Tensor:
         """``[C, D]`` zero-shot classifier of a label set; computed once, then from the LRU cache."""
@@ -115,8 +118,8 @@ class Service:
     async def _compute_labels(self, labels: list[str], templates: list[str]) -> torch.Tensor:
         texts, parts = prompts(labels, templates), []
         for start in range(0, len(texts), PROMPT_CHUNK):
-            chunk = texts[start : start + PROMPT_CHUNK]
-            parts.append(await asyncio.wrap_future(self.batcher.call(lambda c=chunk: self.engine.encode_texts(c))))
+            tokens = await self._in_pool(self.engine.tokenize, texts[start : start + PROMPT_CHUNK])
+            parts.append(await asyncio.wrap_future(self.batcher.call(lambda t=tokens: self.engine.encode_tokens(t))))
         return ensemble(torch.cat(parts), len(templates))
 
     # ---- endpoints ----
@@ -181,8 +184,12 @@ class Service:
         results = []
         for item, score in hits:
             record = self.index.record(item)
-            results.append(schemas.Hit(id=item, score=score, key=record.get("key"), caption=record.get("caption"),
-                                       url=record.get("url"), meta=record.get("meta") or {}))
+            # An index written before `tandem index` kept only string urls may hold any JSON there
+            # (the sample's json is still whole in meta)
+            text = {name: value if isinstance(value := record.get(name), str) else None
+                    for name in ("key", "caption", "url")}
+            meta = record.get("meta")
+            results.append(schemas.Hit(id=item, score=score, meta=meta if isinstance(meta, dict) else {}, **text))
         return schemas.SearchResponse(results=results).model_dump_json().encode()
 
 

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+
+MAX_BODY_MB = 1024
+
+
+def body_bytes(megabytes: float) -> int:
+    """``--max-body-mb`` in bytes; NaN, infinity or a value out of range is a one-line ``UserError``."""
+    from training.errors import UserError
+
+    if not (math.isfinite(megabytes) and 0 < megabytes <= MAX_BODY_MB):
+        raise UserError(f"--max-body-mb must be > 0 and at most {MAX_BODY_MB}, got {megabytes}")
+    return max(int(megabytes * 2**20), 1)
 
 
 def _env_token() -> str | None:

@@ -5,6 +5,7 @@ a real ``tandem serve`` process on a free loopback port. The model is a randomly
 tandem-tiny: its predictions are arbitrary but deterministic, which is all agreement needs.
 """
 
+import asyncio
 import base64
 import io
 import json
@@ -23,7 +24,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from serving.app import create_app
-from serving.batcher import Batcher
+from serving.batcher import Batcher, ModelStopped
 from serving.engine import ensemble, load_engine, prompts
 from serving.index import Index
 from serving.settings import ServeSettings
@@ -218,6 +219,11 @@ def test_malformed_bodies_and_oversized_bodies(api, tiny_export, engine):
                     data={"labels": LABELS}).status_code == 400
     assert api.post("/v1/search/upload", files=[("image", ("a.jpg", image_bytes(), "image/jpeg"))],
                     data={"filter": "{oops"}).status_code == 422
+    # what json.loads raises besides a syntax error: 400, as /v1/search answers the same filter
+    for unparsable in ('{"a": ' + "9" * 5000 + "}", "[" * 100_000, '{"a":' * 3000):
+        upload = api.post("/v1/search/upload", files=[("image", ("a.jpg", image_bytes(), "image/jpeg"))],
+                          data={"filter": unparsable})
+        assert upload.status_code == 400 and "filter" in upload.json()["error"]["message"], upload.text
     with serve_in_process(tiny_export, engine, max_body_bytes=10_000) as client:
         big = {"images": [b64(os.urandom(20_000))], "labels": LABELS}
         response = client.post("/v1/classify", json=big)
@@ -239,6 +245,11 @@ def test_bearer_token_auth(tiny_export, engine):
         assert client.get("/metrics").status_code == 401
         assert client.post("/v1/embed", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+    with serve_in_process(tiny_export, engine, api_token="sécret-ключ") as client:  # a UTF-8 client's bytes
+        wrong = {"Authorization": b"Bearer s\xc3\xa9cret-"}
+        right = {"Authorization": "Bearer sécret-ключ".encode()}
+        assert client.post("/v1/embed", json=body, headers=wrong).status_code == 401
+        assert client.post("/v1/embed", json=body, headers=right).status_code == 200
 
 
 def test_not_ready_until_the_model_has_loaded(tiny_export, engine):
@@ -287,6 +298,40 @@ def test_metrics_count_routes_stages_and_label_cache(tiny_export, engine):
     assert "tandem_serve_queue_depth" in text and metric(text, "tandem_serve_ready") == 1
 
 
+def test_metrics_labels_stay_bounded_and_client_aborts_are_not_500(tiny_export, engine):
+    with serve_in_process(tiny_export, engine) as client:
+        for method in ("XFOO", "BREW", "XFOO"):
+            assert client.request(method, "/healthz").status_code == 405
+        app = client.app
+
+        async def abort() -> None:  # a client that sends part of a body and hangs up
+            messages = iter([{"type": "http.request", "body": b'{"texts": [', "more_body": True},
+                             {"type": "http.disconnect"}])
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/v1/embed", "raw_path": b"/v1/embed", "query_string": b"",
+                     "root_path": "", "headers": [(b"content-type", b"application/json")],
+                     "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+            sent = []
+            await app(scope, lambda: _next(messages), lambda message: _append(sent, message))
+            assert sent == []
+
+        for _ in range(2):
+            asyncio.run(abort())
+        text = client.get("/metrics").text
+    assert metric(text, "tandem_serve_requests_total", route="/healthz", method="other", status="405") == 3
+    assert "XFOO" not in text and "BREW" not in text
+    assert metric(text, "tandem_serve_requests_total", route="/v1/embed", method="POST", status="499") == 2
+    assert metric(text, "tandem_serve_requests_total", route="/v1/embed", method="POST", status="500") == 0
+
+
+async def _next(messages):
+    return next(messages)
+
+
+async def _append(sent, message):
+    sent.append(message)
+
+
 # ---- batching ----
 
 def test_batcher_groups_concurrent_items_and_survives_errors():
@@ -318,6 +363,57 @@ def test_batcher_groups_concurrent_items_and_survives_errors():
         assert sizes == [1, 1, 1, 1]
     finally:
         one.close()
+
+
+def _fails_once():
+    """A queue-depth callback that raises once on the model thread: an error outside any handler."""
+    raised = []
+
+    def depth(kind: str, size: int) -> None:
+        if threading.current_thread().name == "tandem-model" and not raised:
+            raised.append(kind)
+            raise OverflowError("timeout value is too large")
+
+    return depth
+
+
+def test_batcher_waits_as_long_as_told_and_reports_a_stopped_thread():
+    # 1e13 ms is past threading.TIMEOUT_MAX: the wait is clamped, the lone item waits for its batch
+    patient = Batcher({"x": lambda items: [2 * x for x in items]}, max_batch_size=2, max_wait_ms=1e13)
+    try:
+        first = patient.submit("x", [1])[0]
+        with pytest.raises(TimeoutError):
+            first.result(0.5)
+        assert patient.failure is None
+        assert patient.submit("x", [2])[0].result(10) == 4 and first.result(10) == 2
+    finally:
+        patient.close()
+
+    doomed = Batcher({"x": lambda items: items}, max_batch_size=4, max_wait_ms=0, on_depth=_fails_once())
+    try:
+        with pytest.raises(ModelStopped, match="OverflowError"):
+            doomed.submit("x", [1])[0].result(10)
+        assert "OverflowError" in doomed.failure
+        with pytest.raises(ModelStopped):
+            doomed.submit("x", [2])
+    finally:
+        doomed.close()
+
+
+def test_a_stopped_model_thread_fails_requests_and_probes(tiny_export, engine):
+    with serve_in_process(tiny_export, engine) as client:
+        client.app.state.tandem.service.batcher._on_depth = _fails_once()
+        pool = ThreadPoolExecutor(1)  # a bounded wait: before the fix the request hung forever
+        try:
+            response = pool.submit(client.post, "/v1/embed", json={"texts": ["a"]}).result(60)
+        finally:
+            pool.shutdown(wait=False)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "model_stopped"
+        assert client.post("/v1/embed", json={"texts": ["a"]}).status_code == 503
+        for probe in ("/healthz", "/readyz"):
+            answer = client.get(probe)
+            assert answer.status_code == 503 and "OverflowError" in answer.json()["detail"]
+        assert metric(client.get("/metrics").text, "tandem_serve_ready") == 0
 
 
 # ---- one real server process ----
@@ -394,3 +490,24 @@ def test_cli_errors_are_one_line(tiny_export, tmp_path, capsys):
     assert "safetensors" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_export), "--index", str(tmp_path)]) == 2
     assert "not a finished index" in capsys.readouterr().err
+
+
+def test_serve_flags_are_finite_and_bounded(tiny_export, monkeypatch, capsys):
+    import uvicorn
+
+    from training.cli import main
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    for flag, value in [("--max-wait-ms", "inf"), ("--max-wait-ms", "1e13"), ("--max-wait-ms", "nan"),
+                        ("--max-body-mb", "nan"), ("--max-body-mb", "inf"), ("--max-body-mb", "0"),
+                        ("--nprobe", "0"), ("--ef-search", str(2**40)), ("--workers", "0"),
+                        ("--threads", str(10**9))]:
+        assert main(["serve", "--model", str(tiny_export), flag, value]) == 2, (flag, value)
+        error = capsys.readouterr().err
+        assert error.startswith(f"tandem: error: {flag} ") and error.count("\n") == 1, error
+    assert served == []
+    assert main(["serve", "--model", str(tiny_export), "--nprobe", "64", "--ef-search", "200",
+                 "--max-wait-ms", "2.5"]) == 0
+    settings = served[0].state.tandem.settings
+    assert (settings.nprobe, settings.ef_search, settings.max_wait_ms) == (64, 200, 2.5)

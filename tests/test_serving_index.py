@@ -2,6 +2,7 @@
 
 import json
 
+import faiss
 import numpy as np
 import pytest
 
@@ -51,8 +52,11 @@ def test_unfinished_index_of_other_shards_is_not_mixed_in(tiny_export, synth_dat
     (out / "parts").mkdir(parents=True)
     (out / "parts" / "progress.json").write_text(json.dumps(
         {"model": str(tiny_export), "shards": ["/elsewhere.tar"], "dim": 128, "chunks": 1, "cursor": 9, "count": 9}))
-    with pytest.raises(UserError, match="other shards or another model"):
+    with pytest.raises(UserError, match="other shards or another model.*--overwrite"):
         indexing.build_index(str(tiny_export), test_shards, out, device="cpu")
+    (out / "parts" / "chunk-00000.npy").write_bytes(b"stale")
+    summary = indexing.build_index(str(tiny_export), test_shards, out, batch_size=64, device="cpu", overwrite=True)
+    assert summary["count"] == 128 and Index(out).count == 128 and not (out / "parts").exists()
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
@@ -83,3 +87,85 @@ def test_filtered_search_equals_brute_force_over_the_matching_items(kind, tiny_e
 def _matches(record: dict, field: str, value) -> bool:
     got = record.get(field) if field in ("key", "caption", "url") else record["meta"].get(field)
     return got in value if isinstance(value, list) else got == value
+
+
+def _write_index(out, vectors: np.ndarray, metas: list[dict], factory: str) -> None:
+    """An index directory as ``tandem index`` writes one, from given vectors and sample jsons."""
+    out.mkdir()
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    faiss.write_index(index, str(out / "index.faiss"))
+    lines = [json.dumps(indexing._record(f"{i:05d}", f"caption {i}", m)).encode() + b"\n" for i, m in enumerate(metas)]
+    (out / "meta.jsonl").write_bytes(b"".join(lines))
+    np.save(out / "meta.offsets.npy", np.cumsum([0] + [len(line) for line in lines]))
+    (out / "index.json").write_text(json.dumps({"count": len(vectors), "dim": vectors.shape[1], "kind": factory}))
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW8"])
+def test_a_selective_filter_still_gets_k_hits_from_an_approximate_index(factory, tmp_path, monkeypatch):
+    from serving import index as index_module
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((4000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    metas = [{"tag": "rare" if i % 100 == 0 else "common"} for i in range(4000)]
+    _write_index(tmp_path / "idx", vectors, metas, factory)
+    index = Index(tmp_path / "idx", nprobe=1, ef_search=1)
+    queries = rng.standard_normal((8, 16)).astype(np.float32)
+    rare = np.arange(0, 4000, 100)
+    for k in (10, 40, 100):
+        # 40 matching items: searched exactly, so the best min(k, 40) of them
+        expected = [list(rare[np.argsort(-(vectors[rare] @ q), kind="stable")][:k]) for q in queries]
+        assert [[i for i, _ in hits] for hits in index.search(queries, k, {"tag": "rare"})] == expected
+    # past the exact limit, the FAISS search widens until each query has its k hits
+    monkeypatch.setattr(index_module, "EXACT_IDS", 0)
+    for q, hits in zip(queries, index.search(queries, 10, {"tag": "rare"})):
+        assert len(hits) == 10 and all(i % 100 == 0 for i, _ in hits)
+        assert np.allclose([s for _, s in hits], [vectors[i] @ q for i, _ in hits], atol=1e-4)
+
+
+def test_urls_that_are_not_strings(tiny_export, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.settings import ServeSettings
+
+    assert indexing._record("k", "c", {"url": 123}) == {"key": "k", "caption": "c", "url": None, "meta": {"url": 123}}
+    assert indexing._record("k", "c", {"url": "http://a"})["url"] == "http://a"
+    # an index written before that fix holds whatever the sample's json had
+    engine = load_engine(str(tiny_export), device="cpu")
+    vectors = engine.encode_texts(["a", "b", "c", "d"]).numpy()
+    _write_index(tmp_path / "old", vectors, [{}] * 4, "Flat")
+    bad = [123, ["http://a", "http://b"], "http://ok", {"x": 1}]
+    lines = [json.dumps({"key": f"k{i}", "caption": 7 if i == 3 else "c", "url": url, "meta": {"url": url}}).encode()
+             + b"\n" for i, url in enumerate(bad)]
+    (tmp_path / "old" / "meta.jsonl").write_bytes(b"".join(lines))
+    np.save(tmp_path / "old" / "meta.offsets.npy", np.cumsum([0] + [len(line) for line in lines]))
+    settings = ServeSettings(model=str(tiny_export), device="cpu", api_token=None)
+    with TestClient(create_app(settings, loaded=(engine, Index(tmp_path / "old")))) as client:
+        response = client.post("/v1/search", json={"text": "a", "k": 4})
+        assert response.status_code == 200, response.text
+        by_key = {hit["key"]: hit for hit in response.json()["results"]}
+        assert [by_key[f"k{i}"]["url"] for i in range(4)] == [None, None, "http://ok", None]
+        assert by_key["k1"]["meta"]["url"] == ["http://a", "http://b"] and by_key["k3"]["caption"] is None
+        assert client.post("/v1/search", json={"text": "a", "filter": {"url": 123}}).status_code == 200
+
+
+def test_filter_fields_are_scanned_once_and_kept_within_bounds(tiny_index, monkeypatch):
+    from serving import index as index_module
+
+    index = Index(tiny_index)
+    scans = []
+    real_scan = index._scan
+    monkeypatch.setattr(index, "_scan", lambda field: scans.append(field) or real_scan(field))
+    query = index.vectors(np.arange(1))
+    for i in range(20):  # a client inventing field names: no scan after the first, nothing kept
+        assert index.search(query, 3, {f"no such field {i}": "x"}) == [[]]
+    assert scans == ["no such field 0"] and len(index._postings) <= 1
+    monkeypatch.setattr(index_module, "POSTINGS_FIELDS", 2)
+    for field, value in [("color", "red"), ("shape", "star"), ("size", "small"), ("color", "red")]:
+        hits = index.search(query, 3, {field: value})[0]
+        assert len(hits) == 3 and all(index.record(i)["meta"][field] == value for i, _ in hits)
+        assert len(index._postings) <= 2
+    assert scans == ["no such field 0", "color", "shape", "size", "color"]

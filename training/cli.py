@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pixels", type=int, default=50_000_000, help="larger images are refused (413)")
     serve.add_argument("--max-body-mb", type=float, default=32.0, help="larger request bodies are refused (413)")
     serve.add_argument("--label-cache", type=int, default=64, help="label sets whose embeddings are cached")
+    serve.add_argument("--nprobe", type=int, default=16, help="IVF index: lists visited per query")
+    serve.add_argument("--ef-search", type=int, default=64, help="HNSW index: search breadth")
     serve.add_argument("--access-log", action="store_true")
 
     index = sub.add_parser("index", help="embed every image of WebDataset shards into a FAISS index")
@@ -107,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--batch-size", type=_int_in(1), default=256)
     index.add_argument("--chunk-size", type=_int_in(1), default=8192, help="embeddings per resumable chunk")
     index.add_argument("--device", default="auto")
-    index.add_argument("--overwrite", action="store_true", help="rebuild a finished index")
+    index.add_argument("--overwrite", action="store_true",
+                       help="rebuild a finished index, or start an unfinished one over")
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -243,12 +246,13 @@ def cmd_data_shards(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     # serving.* never imports deepspeed or webdataset: the serve image does not install them
     from serving.app import serve
-    from serving.settings import ServeSettings
+    from serving.settings import ServeSettings, body_bytes
 
     settings = ServeSettings(model=args.model, weights=args.weights, index=args.index, device=args.device,
                              max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              workers=args.workers, threads=args.threads, max_pixels=args.max_pixels,
-                             max_body_bytes=int(args.max_body_mb * 2**20), label_cache=args.label_cache)
+                             max_body_bytes=body_bytes(args.max_body_mb), label_cache=args.label_cache,
+                             nprobe=args.nprobe, ef_search=args.ef_search)
     serve(settings, host=args.host, port=args.port, access_log=args.access_log)
     return 0
 

@@ -47,7 +47,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _record(key: str, caption: str, meta: dict[str, Any]) -> dict[str, Any]:
-    return {"key": key, "caption": caption, "url": meta.get("url"), "meta": meta}
+    """A sample's metadata record; ``url`` only when the sample's json has a string there (it stays in meta)."""
+    url = meta.get("url")
+    return {"key": key, "caption": caption, "url": url if isinstance(url, str) else None, "meta": meta}
 
 
 def _write_chunk(parts: Path, number: int, embeddings: list[np.ndarray], records: list[dict]) -> None:
@@ -169,9 +171,9 @@ def build_index(model: str, shards: str, out: Path, *, weights: str | None = Non
     if nlist < 0 or hnsw_m < 2:  # faiss aborts the process on an HNSW with fewer than 2 links
         raise UserError(f"--nlist must be >= 0 and --hnsw-m >= 2, got {nlist} and {hnsw_m}")
     out = Path(out)
-    if (out / MANIFEST_FILE).is_file():
-        if not overwrite:
-            raise UserError(f"{out} already holds a finished index (use --overwrite to rebuild it)")
+    if (out / MANIFEST_FILE).is_file() and not overwrite:
+        raise UserError(f"{out} already holds a finished index (use --overwrite to rebuild it)")
+    if overwrite:  # a finished index, or the parts of an unfinished build (of any model and shards)
         for name in (MANIFEST_FILE, INDEX_FILE, META_FILE, OFFSETS_FILE, PARTS):
             shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
     urls = expand_shards(shards)
