@@ -12,10 +12,6 @@ from data.files import atomic_write
 from training.errors import UserError
 
 
-def _code(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))
-
-
 class Output:
     """A local folder or an S3 prefix; every ``put`` is atomic (tmp + rename, or one PUT)."""
 
@@ -39,13 +35,13 @@ class Output:
         try:
             s3.client(self.settings).head_bucket(Bucket=self.bucket)
         except ClientError as error:
-            code = _code(error)
+            code = s3.error_code(error)
             if code == "403":  # a HEAD answer has no body: a listing says which credential is wrong
                 try:
                     s3.client(self.settings).list_objects_v2(Bucket=self.bucket, MaxKeys=1)
                     return  # the bucket can be listed (some stores' policies refuse HEAD alone)
                 except ClientError as detailed:
-                    code = _code(detailed) or code
+                    code = s3.error_code(detailed) or code
             reason = s3.REASONS.get("NoSuchBucket" if code == "404" else code, code or "error")
             raise UserError(f"cannot write {self.target}: {reason}") from None
         except BotoCoreError as error:
@@ -70,7 +66,7 @@ class Output:
                 return path.read_bytes() if path.is_file() else None
             return s3.client(self.settings).get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
         except ClientError as error:
-            if _code(error) in ("404", "NoSuchKey"):
+            if s3.error_code(error) in ("404", "NoSuchKey"):
                 return None
             raise self._failed("read", name, error) from None
         except (BotoCoreError, OSError) as error:

@@ -275,13 +275,12 @@ class ShardStream(IterableDataset):
         return int(cursor["position"]), [(epoch, 0)] * count, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if get_worker_info() is None:
-            yield from self._batches()
-            return
         try:
             yield from self._batches()
-        except UserError as error:  # torch would re-raise it with the worker's traceback as its message
-            yield {"error": str(error)}
+        except UserError as error:
+            if get_worker_info() is None:
+                raise
+            yield {"error": str(error)}  # torch would re-raise it with the worker's traceback as its message
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         role = self._role()
@@ -308,14 +307,13 @@ class ShardStream(IterableDataset):
                 torch.default_generator.manual_seed(_mix(self.spec.seed, "augment", self.spec.rank, role, position))
             batch.append((self.transform(image), caption, sample["__key__"], decode_meta(sample)))
             if len(batch) == self.spec.batch_size:
-                resume = {"position": position, "sources": [list(s) for s in state]}
-                yield self._collate(batch, role, resume, counter.take(), sample["__epoch__"])
+                yield self._collate(batch, role, position, state, counter.take(), sample["__epoch__"])
                 batch = []
         if batch and not self.spec.train:
-            resume = {"position": position, "sources": [list(s) for s in state]}
-            yield self._collate(batch, role, resume, counter.take(), self.spec.start_epoch)
+            yield self._collate(batch, role, position, state, counter.take(), self.spec.start_epoch)
 
-    def _collate(self, batch: list, role: int, resume: dict, skipped: int, epoch: int) -> dict[str, Any]:
+    def _collate(self, batch: list, role: int, position: int, state: list[list[int]], skipped: int,
+                 epoch: int) -> dict[str, Any]:
         images, captions, keys, metas = zip(*batch)
         return {
             "image": default_collate(images),  # in a worker: stacked straight into shared memory
@@ -324,8 +322,8 @@ class ShardStream(IterableDataset):
             "key": list(keys),
             "meta": list(metas),
             "role": role,
-            "cursor": resume["position"],
-            "resume": resume,
+            "cursor": position,
+            "resume": {"position": position, "sources": [list(s) for s in state]},
             "epoch": epoch,
             "skipped": skipped,
         }

@@ -89,7 +89,8 @@ def _client(settings: S3Settings, pid: int):
                          "or https://)") from None
 
 
-def _error_code(error: Exception) -> str:
+def error_code(error: Exception) -> str:
+    """The store's error code of a ``ClientError`` ("NoSuchKey", "403"...), "" for any other error."""
     return str(error.response.get("Error", {}).get("Code", "")) if isinstance(error, ClientError) else ""
 
 
@@ -99,7 +100,7 @@ def check(url: str, settings: S3Settings) -> int:
     try:
         return int(client(settings).head_object(Bucket=bucket, Key=key)["ContentLength"])
     except ClientError as error:
-        code = _error_code(error)
+        code = error_code(error)
         if code in ("404", "NoSuchKey", "NoSuchBucket"):
             code = "NoSuchKey" if _bucket_exists(bucket, settings) else "NoSuchBucket"
         elif code == "403":  # a HEAD answer has no body: a 1-byte GET says which credential is wrong
@@ -135,7 +136,7 @@ def fatal_reason(error: Exception) -> str:
     """Why no retry can help, in words; "" for a failure worth retrying (a reset, a timeout, a 5xx)."""
     if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
         return NO_CREDENTIALS if isinstance(error, NoCredentialsError) else f"{error} (check the credentials)"
-    code = _error_code(error)
+    code = error_code(error)
     return REASONS.get(code, code) if code in _FATAL_CODES else ""
 
 
@@ -143,7 +144,7 @@ def _get_error_code(bucket: str, key: str, settings: S3Settings) -> str:
     try:
         client(settings).get_object(Bucket=bucket, Key=key, Range="bytes=0-0")
     except ClientError as error:
-        return _error_code(error)
+        return error_code(error)
     except BotoCoreError:
         pass
     return ""

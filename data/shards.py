@@ -53,7 +53,11 @@ def check_remote(urls: list[str], settings: s3.S3Settings) -> None:
     remote = list(dict.fromkeys(u for u in urls if s3.is_s3(u)))
     if not remote:
         return
-    s3.check(remote[0], settings)
+    first, rest = remote[0], remote[1:]
+    if not s3.check(first, settings):
+        raise UserError(f"shard is empty: {first}")
+    if not rest:
+        return
 
     def problem(url: str) -> str | None:
         try:
@@ -61,8 +65,8 @@ def check_remote(urls: list[str], settings: s3.S3Settings) -> None:
         except UserError as error:
             return str(error)
 
-    with ThreadPoolExecutor(min(_CHECK_THREADS, len(remote))) as pool:
-        problems = [p for p in pool.map(problem, remote) if p]
+    with ThreadPoolExecutor(min(_CHECK_THREADS, len(rest))) as pool:
+        problems = [p for p in pool.map(problem, rest) if p]
     if problems:
         more = len(problems) - 1
         more = f" (and {more} more shard{'s' if more > 1 else ''})" if more else ""

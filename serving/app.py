@@ -56,18 +56,18 @@ class AppState:
         self.service: Service | None = None
         self.loaded: tuple[Engine, Index | None] | None = None
         self.error: str | None = None
+        # read at each scrape, so the gauge always says what /readyz says
+        metrics.ready.set_function(lambda: float(self.service is not None and self.failure() is None))
 
     def start(self, engine: Engine, index: Index | None) -> None:
         self.loaded = (engine, index)
         self.service = Service(engine, index, self.settings, self.metrics)
-        self.metrics.ready.set(1)
 
     def stop(self) -> None:
         """Stop the model thread and decode pool; a later lifespan starts them again."""
         if self.service is not None:
             self.service.close()
             self.service = None
-            self.metrics.ready.set(0)
 
     async def load(self, loader: Loader) -> None:
         try:
@@ -80,10 +80,7 @@ class AppState:
         """Why this process cannot serve any more (loading failed, the model thread stopped), or None."""
         if self.error:
             return self.error
-        if self.service is not None and self.service.batcher.failure:
-            self.metrics.ready.set(0)  # the gauge says what the probes say
-            return self.service.batcher.failure
-        return None
+        return self.service.batcher.failure if self.service is not None else None
 
 
 def create_app(settings: ServeSettings, *, loader: Loader | None = None,

@@ -179,20 +179,16 @@ class Index:
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return [[(int(ids[j]), float(row[j])) for j in order] for order, row in zip(best, scores)]
 
-    def _params(self, selector: faiss.IDSelector | None, widen: int) -> faiss.SearchParameters | None:
+    def _params(self, selector: faiss.IDSelector | None, widen: int) -> tuple[faiss.SearchParameters | None, bool]:
+        """Search parameters ``widen`` times wider than configured, and whether they already search
+        everything (all IVF lists, an efSearch of all items, or a flat index)."""
         if isinstance(self.index, faiss.IndexIVF):
-            return faiss.SearchParametersIVF(sel=selector, nprobe=min(self.nprobe * widen, self.index.nlist))
+            nprobe = min(self.nprobe * widen, self.index.nlist)
+            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe), nprobe == self.index.nlist
         if isinstance(self.index, faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=min(max(self.ef_search, 1) * widen, self.count))
-        return faiss.SearchParameters(sel=selector) if selector is not None else None
-
-    def _widest(self, widen: int) -> bool:
-        """Whether ``widen`` already searches everything (all IVF lists, efSearch of all items, or flat)."""
-        if isinstance(self.index, faiss.IndexIVF):
-            return self.nprobe * widen >= self.index.nlist
-        if isinstance(self.index, faiss.IndexHNSW):
-            return max(self.ef_search, 1) * widen >= self.count
-        return True
+            ef = min(max(self.ef_search, 1) * widen, self.count)
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=ef), ef == self.count
+        return (faiss.SearchParameters(sel=selector) if selector is not None else None), True
 
     def search(self, queries: np.ndarray, k: int, where: dict | None = None) -> list[list[tuple[int, float]]]:
         """``[Q, D]`` normalised queries -> per query up to ``k`` (id, cosine), best first.
@@ -200,21 +196,19 @@ class Index:
         With a filter, ``k`` hits whenever ``k`` items match (see the module's docstring).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        k, selector, matching = min(k, self.count), None, self.count
-        if where:
-            ids = self.matching_ids(where)
-            matching = len(ids)
-            if matching and matching <= EXACT_IDS:
-                return self._exact(queries, min(k, matching), ids)
-            if matching:
-                selector = faiss.IDSelectorBatch(ids)
-        if k == 0 or matching == 0:
+        ids = self.matching_ids(where) if where else None
+        k = min(k, self.count if ids is None else len(ids))
+        if k == 0:
             return [[] for _ in range(len(queries))]
+        if ids is not None and len(ids) <= EXACT_IDS:
+            return self._exact(queries, k, ids)
+        selector = faiss.IDSelectorBatch(ids) if ids is not None else None
         widen = 1
         while True:
-            scores, found = self.index.search(queries, k, params=self._params(selector, widen))
+            params, widest = self._params(selector, widen)
+            scores, found = self.index.search(queries, k, params=params)
             hits = [[(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
                     for row_ids, row_scores in zip(found, scores)]
-            if selector is None or self._widest(widen) or min(map(len, hits)) >= min(k, matching):
+            if selector is None or widest or min(map(len, hits)) >= k:
                 return hits
             widen *= WIDEN

@@ -23,7 +23,7 @@ from serving.batcher import Batcher
 from serving.decode import b64decode, image_tensor
 from serving.engine import Engine, ensemble, prompts
 from serving.errors import BadInput, ServingError
-from serving.index import Index
+from serving.index import RECORD_FIELDS, Index
 from serving.metrics import ServingMetrics
 from serving.settings import ServeSettings
 
@@ -187,7 +187,7 @@ class Service:
             # An index written before `tandem index` kept only string urls may hold any JSON there
             # (the sample's json is still whole in meta)
             text = {name: value if isinstance(value := record.get(name), str) else None
-                    for name in ("key", "caption", "url")}
+                    for name in RECORD_FIELDS}
             meta = record.get("meta")
             results.append(schemas.Hit(id=item, score=score, meta=meta if isinstance(meta, dict) else {}, **text))
         return schemas.SearchResponse(results=results).model_dump_json().encode()

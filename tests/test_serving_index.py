@@ -89,14 +89,14 @@ def _matches(record: dict, field: str, value) -> bool:
     return got in value if isinstance(value, list) else got == value
 
 
-def _write_index(out, vectors: np.ndarray, metas: list[dict], factory: str) -> None:
-    """An index directory as ``tandem index`` writes one, from given vectors and sample jsons."""
+def _write_index(out, vectors: np.ndarray, records: list[dict], factory: str) -> None:
+    """An index directory as ``tandem index`` writes one, from given vectors and metadata records."""
     out.mkdir()
     index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     index.train(vectors)
     index.add(vectors)
     faiss.write_index(index, str(out / "index.faiss"))
-    lines = [json.dumps(indexing._record(f"{i:05d}", f"caption {i}", m)).encode() + b"\n" for i, m in enumerate(metas)]
+    lines = [json.dumps(record).encode() + b"\n" for record in records]
     (out / "meta.jsonl").write_bytes(b"".join(lines))
     np.save(out / "meta.offsets.npy", np.cumsum([0] + [len(line) for line in lines]))
     (out / "index.json").write_text(json.dumps({"count": len(vectors), "dim": vectors.shape[1], "kind": factory}))
@@ -109,8 +109,9 @@ def test_a_selective_filter_still_gets_k_hits_from_an_approximate_index(factory,
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((4000, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    metas = [{"tag": "rare" if i % 100 == 0 else "common"} for i in range(4000)]
-    _write_index(tmp_path / "idx", vectors, metas, factory)
+    records = [indexing._record(f"{i:05d}", f"caption {i}", {"tag": "rare" if i % 100 == 0 else "common"})
+               for i in range(4000)]
+    _write_index(tmp_path / "idx", vectors, records, factory)
     index = Index(tmp_path / "idx", nprobe=1, ef_search=1)
     queries = rng.standard_normal((8, 16)).astype(np.float32)
     rare = np.arange(0, 4000, 100)
@@ -136,12 +137,9 @@ def test_urls_that_are_not_strings(tiny_export, tmp_path):
     # an index written before that fix holds whatever the sample's json had
     engine = load_engine(str(tiny_export), device="cpu")
     vectors = engine.encode_texts(["a", "b", "c", "d"]).numpy()
-    _write_index(tmp_path / "old", vectors, [{}] * 4, "Flat")
     bad = [123, ["http://a", "http://b"], "http://ok", {"x": 1}]
-    lines = [json.dumps({"key": f"k{i}", "caption": 7 if i == 3 else "c", "url": url, "meta": {"url": url}}).encode()
-             + b"\n" for i, url in enumerate(bad)]
-    (tmp_path / "old" / "meta.jsonl").write_bytes(b"".join(lines))
-    np.save(tmp_path / "old" / "meta.offsets.npy", np.cumsum([0] + [len(line) for line in lines]))
+    _write_index(tmp_path / "old", vectors, [{"key": f"k{i}", "caption": 7 if i == 3 else "c", "url": url,
+                                              "meta": {"url": url}} for i, url in enumerate(bad)], "Flat")
     settings = ServeSettings(model=str(tiny_export), device="cpu", api_token=None)
     with TestClient(create_app(settings, loaded=(engine, Index(tmp_path / "old")))) as client:
         response = client.post("/v1/search", json={"text": "a", "k": 4})

@@ -1,7 +1,5 @@
 """Request texts: open_clip's tokens at a bounded cost, tokenized off the model thread."""
 
-import base64
-import io
 import random
 import string
 import threading
@@ -10,13 +8,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from open_clip.tokenizer import SimpleTokenizer
-from PIL import Image
 
 from serving.app import create_app
 from serving.engine import load_engine
 from serving.settings import ServeSettings
 from serving.text import MAX_WORD, BoundedTokenizer
 from tests.scripts.serving_fixtures import tiny_export  # noqa: F401 - fixture
+from tests.test_serving import b64, image_bytes
 
 
 def _texts() -> list[str]:
@@ -66,16 +64,11 @@ def test_server_tokenizes_on_the_decode_threads_with_bounded_words(tiny_export, 
     normal = ["a red circle", "a big blue star in the top left corner, next to a small green square " * 3]
     with TestClient(create_app(settings, loaded=(engine, None))) as client:
         result = client.post("/v1/embed", json={"texts": long + normal})
-        classify = client.post("/v1/classify", json={"images": [_png()], "labels": ["qwxz", "zzyqv"]})
+        classify = client.post("/v1/classify", json={"images": [b64(image_bytes(fmt="PNG"))],
+                                                      "labels": ["qwxz", "zzyqv"]})
     assert result.status_code == 200 and classify.status_code == 200
     assert calls and all(name.startswith("tandem-decode") for name, _ in calls)  # never the model thread
     assert max(size for _, size in calls) <= MAX_WORD
     with torch.no_grad():  # a normal text's embedding is the model's own of open_clip's tokens
         expected = engine.model.encode_text(engine.tokenizer(normal), normalize=True)
     assert torch.allclose(torch.tensor(result.json()["text_embeddings"][4:]), expected, atol=1e-5)
-
-
-def _png() -> str:
-    out = io.BytesIO()
-    Image.new("RGB", (32, 32), (10, 20, 30)).save(out, format="PNG")
-    return base64.b64encode(out.getvalue()).decode()

@@ -26,15 +26,16 @@ def check_inputs(cfg: Config, resume: str | None = None) -> None:
     weights = parse_weights(cfg.data.train_weights)
     if weights and len(weights) != len(sources):
         raise UserError(f"data.train_weights has {len(weights)} weights for {len(sources)} sources")
+    s3 = s3_settings(cfg)
     train_urls = expand_shards(cfg.data.train_shards)
-    check_remote(train_urls, s3_settings(cfg))
+    check_remote(train_urls, s3)
     check_sizes(train_urls)
     if resume and resume != "latest" and not (Path(cfg.train.run_dir) / "checkpoints" / resume).is_dir():
         raise UserError(f"no checkpoint '{resume}' in {Path(cfg.train.run_dir) / 'checkpoints'}")
     resolve_model_config(cfg.model)
     check_run_dir_writable(Path(cfg.train.run_dir))
     if cfg.data.val_shards:
-        check_remote(expand_shards(cfg.data.val_shards), s3_settings(cfg))
+        check_remote(expand_shards(cfg.data.val_shards), s3)
     if cfg.data.classes:
         load_classes(cfg.data.classes)
 

@@ -29,8 +29,11 @@ def ensure_dataset(data_dir: Path, train_samples: int, test_samples: int, framin
     """Generate the synthetic shards unless a previous demo already did (same framing and sizes)."""
     classes = data_dir / "classes.json"
     if classes.is_file() and (data_dir / "test" / "sizes.json").is_file():
-        found = (_read_json(classes).get("framing", "scene"),
-                 _total(data_dir / "train" / "sizes.json"), _total(data_dir / "test" / "sizes.json"))
+        try:
+            framing_found = json.loads(classes.read_text()).get("framing", "scene")
+        except (ValueError, AttributeError):
+            framing_found = None
+        found = (framing_found, _samples(data_dir / "train"), _samples(data_dir / "test"))
         if found == (framing, train_samples, test_samples):
             print(f"using the dataset in {data_dir}")
             return
@@ -47,18 +50,19 @@ def ensure_dataset(data_dir: Path, train_samples: int, test_samples: int, framin
           f"({time.time() - start:.0f}s)")
 
 
-def _read_json(path: Path) -> dict:
+def _samples(split: Path) -> int | None:
+    """Samples in a split's shards (None when its sizes.json is unreadable)."""
+    from data.shards import count_samples
+
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+        return count_samples([str(p) for p in sorted(split.glob("shard-*.tar"))])
+    except UserError:
+        return None
 
 
-def _total(sizes: Path) -> int | None:
-    """Samples a ``sizes.json`` lists (None when unreadable)."""
-    counts = list(_read_json(sizes).values())
-    return sum(counts) if counts and all(isinstance(c, int) for c in counts) else None
+def _override_key(text: str) -> str:
+    """``section.key`` of a ``--set section.key=value``."""
+    return text.partition("=")[0].strip()
 
 
 # Keys a demo fixes itself: it trains into OUT/run, evaluates that run's export, and runs the method
@@ -75,7 +79,7 @@ def demo_config(config: Path, overrides: list[str], nproc: int) -> config_mod.Co
     on the global batch (simclr at 64 instead of 128 gained +0.02 kNN instead of +0.41).
     """
     cfg = config_mod.load(config, overrides)
-    if nproc == DEMO_NPROC or any(o.partition("=")[0].strip() == "data.batch_size" for o in overrides):
+    if nproc == DEMO_NPROC or any(_override_key(o) == "data.batch_size" for o in overrides):
         return cfg
     global_batch = cfg.data.batch_size * DEMO_NPROC
     cfg = config_mod.from_dict({"data": {"batch_size": max(1, global_batch // nproc)}}, cfg)
@@ -94,8 +98,7 @@ def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: in
     from training.launch import run_local
     from training.checks import check_inputs
 
-    for text in overrides:
-        key = text.partition("=")[0].strip()
+    for key in map(_override_key, overrides):
         if key in DEMO_OWNED:
             raise UserError(f"tandem demo sets {key} itself ({DEMO_OWNED[key]}); `tandem train --config` "
                             "runs any config")

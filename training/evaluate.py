@@ -113,14 +113,14 @@ def compute_metrics(image: torch.Tensor, text: torch.Tensor, labels: list[str | 
 
 def evaluate(model, tokenizer: Callable, eval_transform: Callable, *, shards: str, classes_path: str | None,
              image_size: int, batch_size: int = 256, device=None, dtype=torch.float32,
-             s3: S3Settings | None = None) -> dict[str, float]:
+             s3: S3Settings = S3Settings()) -> dict[str, float]:
     """Evaluate ``model`` (an open_clip module, possibly inside a DeepSpeed engine) on ``shards`` (read
     with ``s3``'s endpoint and keys when on S3); retrieval only when ``classes_path`` is empty."""
     device = device or distributed.device()
     model.to(device)  # a no-op for the training run's own module; an export loads on the CPU
     classes, templates = load_classes(classes_path) if classes_path else ([], [])
     spec = StreamSpec(urls=expand_shards(shards), batch_size=batch_size, rank=distributed.rank(),
-                      world=distributed.world_size(), workers=1, train=False, s3=s3 or S3Settings())
+                      world=distributed.world_size(), workers=1, train=False, s3=s3)
     loader = make_loader(spec, eval_transform, tokenizer, image_size, in_process=True)
     context = tokenizer(["x"]).shape[-1]
     dummy = {"image": torch.zeros(1, 3, image_size, image_size), "text": torch.zeros(1, context, dtype=torch.long)}

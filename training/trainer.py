@@ -111,6 +111,7 @@ class Trainer:
         self.train_transform, self.eval_transform = transforms(self.preprocess_cfg)
         self.tokenizer = tokenizer(self.model_cfg)
         self.bf16 = _precision(cfg)
+        self.s3 = s3_settings(cfg)  # the store settings every read of shards uses
         self.device = distributed.device()
         self.step = 0
         self.skipped = 0  # corrupt or incomplete samples, all ranks, this run
@@ -200,7 +201,7 @@ class Trainer:
         weights = parse_weights(data.train_weights)
         spec = StreamSpec(
             urls=sources[0] if weights else [u for urls in sources for u in urls],
-            more_sources=sources[1:] if weights else [], weights=weights, s3=s3_settings(self.cfg),
+            more_sources=sources[1:] if weights else [], weights=weights, s3=self.s3,
             batch_size=data.batch_size, seed=self.cursor.seed,
             rank=distributed.rank(), world=distributed.world_size(), workers=self.cursor.workers,
             shuffle_buffer=data.shuffle_buffer, train=True, start_epoch=self.cursor.start_epoch,
@@ -224,7 +225,7 @@ class Trainer:
                                 port=cfg.metrics_port, enabled=distributed.is_main())
         if distributed.is_main() and self.step == 0:
             samples = self.cfg.data.train_num_samples or count_samples(
-                expand_shards(self.cfg.data.train_shards), s3_settings(self.cfg))
+                expand_shards(self.cfg.data.train_shards), self.s3)
             global_batch = self.cfg.data.batch_size * distributed.world_size() * cfg.accum_steps
             if samples is None:
                 log.info("training samples: unknown (S3 shards without a sizes.json beside them; "
@@ -366,7 +367,7 @@ class Trainer:
         result = evaluate(
             self.engine.module, self.tokenizer, self.eval_transform, shards=data.val_shards,
             classes_path=data.classes, image_size=self.image_size, batch_size=data.eval_batch_size,
-            device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32, s3=s3_settings(self.cfg),
+            device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32, s3=self.s3,
         )
         if distributed.is_main():
             with (self.run_dir / "eval.jsonl").open("a") as f:

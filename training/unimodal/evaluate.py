@@ -25,7 +25,7 @@ from training import distributed
 @torch.no_grad()
 def embed_images(backbone: torch.nn.Module, shards: str, transform: Callable, *, label_key: str,
                  max_samples: int = 0, batch_size: int = 256, device=None,
-                 dtype=torch.float32, s3: S3Settings | None = None) -> tuple[torch.Tensor, list[str]]:
+                 dtype=torch.float32, s3: S3Settings = S3Settings()) -> tuple[torch.Tensor, list[str]]:
     """Backbone features ``[n, F]`` and labels of (up to ``max_samples`` of) ``shards``.
 
     Every rank embeds its own share and the results are gathered. Samples without ``label_key``
@@ -35,7 +35,7 @@ def embed_images(backbone: torch.nn.Module, shards: str, transform: Callable, *,
     backbone.to(device)  # a no-op for the training run's own module; an export loads on the CPU
     world = distributed.world_size()
     spec = StreamSpec(urls=expand_shards(shards), batch_size=batch_size, rank=distributed.rank(), world=world,
-                      workers=1, train=False, s3=s3 or S3Settings())
+                      workers=1, train=False, s3=s3)
     loader = make_loader(spec, transform, _no_text, None, in_process=True)
     quota = math.ceil(max_samples / world) if max_samples else None
     features, labels = [], []
@@ -106,7 +106,7 @@ def label_ids(train_labels: list[str], test_labels: list[str]) -> tuple[torch.Te
 def evaluate_backbone(backbone: torch.nn.Module, *, train_shards: str, test_shards: str, transform: Callable,
                       label_key: str, train_samples: int, knn_k: int = 200, knn_temperature: float = 0.1,
                       linear_steps: int = 300, device=None, dtype=torch.float32,
-                      s3: S3Settings | None = None) -> dict[str, float]:
+                      s3: S3Settings = S3Settings()) -> dict[str, float]:
     """kNN and linear-probe top-1 of frozen ``backbone`` features: bank/probe fit on up to
     ``train_samples`` of ``train_shards``, scored on all of ``test_shards``."""
     common = dict(label_key=label_key, device=device, dtype=dtype, s3=s3)

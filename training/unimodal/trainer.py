@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import save_file
 
 from training import distributed
-from training.checks import s3_settings
 from training.config import Config
 from training.trainer import Trainer
 from training.unimodal.evaluate import collapse_stats, evaluate_backbone, is_collapsed
@@ -109,7 +108,7 @@ class UnimodalTrainer(Trainer):
             test_shards=data.val_shards, transform=self.eval_transform, label_key=m.label_key,
             train_samples=m.eval_train_samples, knn_k=m.knn_k, knn_temperature=m.knn_temperature,
             linear_steps=m.linear_steps, device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32,
-            s3=s3_settings(self.cfg),
+            s3=self.s3,
         )
         if distributed.is_main():
             with (self.run_dir / "eval.jsonl").open("a") as f:
