@@ -86,7 +86,20 @@ def test_a_save_killed_between_its_renames_is_put_back(tmp_path):
     (tmp_path / "step00000002").rename(tmp_path / ".replaced-step00000002")
     (tmp_path / ".saving-step00000002").mkdir()
     (tmp_path / ".resize-step00000002").mkdir()
+    (tmp_path / ".pruning-step00000001").mkdir()  # a prune killed mid-delete: out of the step* names first
     recover_checkpoints(tmp_path)  # the next run's start
     save_checkpoint(FakeEngine(), tmp_path, "step00000003", {"step": 3})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000002", "step00000003"]
     assert len(list((tmp_path / "step00000002").iterdir())) == 2
+
+
+def test_a_missing_or_emptied_checkpoint_is_one_line(tmp_path):
+    """`--resume stepX` of an empty folder, or `latest` naming a deleted one, reached DeepSpeed's bare
+    AssertionError."""
+    save_checkpoint(FakeEngine(), tmp_path, "step00000002", {"step": 2})
+    (tmp_path / "step00000004").mkdir()
+    with pytest.raises(UserError, match=r"^checkpoint step00000004 in .* holds no model states; resume from an "
+                                        r"earlier one \(--resume step00000002\)$"):
+        check_checkpoint_layout(tmp_path / "step00000004", 0, 1)
+    with pytest.raises(UserError, match=r"^checkpoint step00000006 in .* does not exist; resume from an earlier"):
+        check_checkpoint_layout(tmp_path / "step00000006", 0, 1)

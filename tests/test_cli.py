@@ -1,9 +1,13 @@
 """A user's mistake gets one clear line on stderr and exit status 2, never a traceback."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +115,23 @@ def test_metrics_logger_writes_jsonl_and_serves_prometheus(tmp_path):
     assert "tandem_train_loss 1.5" in body and "tandem_train_step 3.0" in body
     assert "tandem_train_skipped_samples_total 2.0" in body
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["temperature"] == 20.0
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """Killed at step 5 after a checkpoint at step 4, a run resumes at 4 and trains step 5 again: the
+    earlier record of step 5 (and a line cut off by the kill) go, so each step is logged once."""
+    first = MetricsLogger(tmp_path, total_steps=10, port=0)
+    values = {"temperature": 20.0, "samples_per_s": 99.0}
+    for step in range(1, 6):
+        first.log(step, {"loss": float(step), **values})
+    first.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "lo')
+    resumed = MetricsLogger(tmp_path, total_steps=10, start_step=4, port=0)
+    resumed.log(5, {"loss": 0.5, **values})
+    resumed.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 0.5)]
 
 
 def test_a_metrics_port_in_use_is_one_line(tmp_path):
@@ -265,3 +286,66 @@ def test_a_failed_rank_ends_the_launch_in_one_line_after_its_own_output(tmp_path
             assert tandem_lines == ["tandem: error: rank 1 exited with status 1; its output is above"], proc.stderr
         else:
             assert tandem_lines == [] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_sigterm_to_an_nproc_launch_stops_its_ranks(tmp_path):
+    """`--nproc N` runs torchrun as a child; a SIGTERM (a scheduler's, `timeout`'s, `kill PID`) sent to
+    the tandem process alone must reach it, not leave the ranks running on as orphans."""
+    out = tmp_path / "never-finishes"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from training.launch import run_local; "
+         f"sys.exit(run_local(2, ['data', 'synth', '--out', {str(out)!r}, '--train-samples', '5000000']))"],
+        cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len([p for p in _processes_mentioning(str(out)) if p != launcher.pid]) < 3:  # agent + 2 ranks
+            assert time.monotonic() < deadline and launcher.poll() is None, "the ranks never started"
+            time.sleep(0.5)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) != 0
+        deadline = time.monotonic() + 30
+        while _processes_mentioning(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _processes_mentioning(str(out)) == []
+    finally:
+        for pid in _processes_mentioning(str(out)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_half_a_rendezvous_environment_is_one_line(monkeypatch):
+    from training import distributed
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(UserError, match="^WORLD_SIZE is set but RANK is not: a multi-process launch sets"):
+        distributed.init()
+    assert not distributed.is_initialized()
+
+
+def test_open_clip_towers_take_only_their_own_image_size(tmp_path, synth_data):
+    """A timm tower pools any crop size; open_clip's ViT does not, so a method's other view sizes are
+    refused before anything starts (they were a shape traceback at the first step)."""
+    vit = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "vit.json").write_text(json.dumps(vit))
+    common = [f'data.train_shards="{synth_data}/train/shard-{{00000..00003}}.tar"', f'model.name="{tmp_path / "vit.json"}"',
+              f'train.run_dir="{tmp_path / "run"}"']
+    check_inputs(load(None, [*common, 'method.name="simclr"']))
+    check_inputs(load(None, [*common, 'method.name="swav"', "method.small_crops=0", "method.image_size=32"]))
+    with pytest.raises(UserError, match="^swav's small crops need a timm image tower; .* set method.small_crops=0$"):
+        check_inputs(load(None, [*common, 'method.name="swav"']))
+    with pytest.raises(UserError, match="^method.image_size 24: model .* takes only 32 px images"):
+        check_inputs(load(None, [*common, 'method.name="byol"', "method.image_size=24"]))
+    check_inputs(load(None, [f'data.train_shards="{synth_data}/train/shard-{{00000..00003}}.tar"',
+                             'method.name="swav"', "method.image_size=24"]))  # tandem-tiny's tower is timm's

@@ -64,3 +64,20 @@ def test_hf_text_tower_trains_and_exports(tmp_path):
     assert torch.equal(loaded_tok(["a blue star"]), tokens[1:])
     with torch.no_grad():
         assert torch.allclose(loaded.encode_text(tokens, normalize=True), ours, atol=1e-6)
+
+
+def test_an_export_of_another_model_shape_is_one_line(tmp_path):
+    """Only the trainer's one-element scalars are reshaped back; a tensor of another shape (even one
+    with as many elements) is refused, not scrambled into the model."""
+    from training.errors import UserError
+    from training.model_config import named_model_config
+
+    model_cfg = named_model_config("tandem-tiny")
+    state = create_model(model_cfg).state_dict()
+    state["logit_scale"] = state["logit_scale"].reshape(1)  # the engine's shape: taken
+    export_state_dict(dict(state), model_cfg, preprocess_config(model_cfg), tmp_path / "ok")
+    name = "positional_embedding"
+    state[name] = state[name].reshape(state[name].shape[1], state[name].shape[0])
+    with pytest.raises(UserError, match=rf"^checkpoint does not match the model: {name} is \[\d+, \d+\] in the "
+                                        r"checkpoint and \[\d+, \d+\] in the model config \(1 tensor\(s\) differ\)$"):
+        export_state_dict(state, model_cfg, preprocess_config(model_cfg), tmp_path / "bad")

@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import shutil
 import tarfile
 from pathlib import Path
@@ -198,7 +199,10 @@ def test_resume_applies_the_configs_optimizer_settings_and_names_what_it_cannot_
     assert second.returncode == 0, second.stderr[-3000:]
     assert "lr 0.005 -> 1e-30, weight_decay 0.1 -> 0.0" in second.stderr
     lrs = {r["step"]: r["lr"] for r in metrics(run_dir)}
-    assert lrs[3] > 1e-3 and 0 < lrs[4] <= 1e-30 and lrs[6] == 0.0
+    # Each step logs the lr it trained at: warmup 1/2, 2/2, then cosine over the 4 steps after it.
+    cosine = [0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    assert [lrs[1], lrs[2], lrs[3]] == pytest.approx([0.0025, 0.005, 0.005 * cosine[0]], rel=1e-9)
+    assert [lrs[4], lrs[5], lrs[6]] == pytest.approx([1e-30 * c for c in cosine[1:]], rel=1e-9)
     saved = consolidated_state_dict(run_dir / "checkpoints", "step00000003")
     final = final_weights(run_dir)
     weights = [k for k in saved if "running_" not in k and "num_batches" not in k]
@@ -212,9 +216,12 @@ def test_resume_applies_the_configs_optimizer_settings_and_names_what_it_cannot_
     with pytest.raises(UserError, match="written with ZeRO stage 1 or 2 and this run uses stage 3"):
         check_checkpoint_layout(folder, 3, 1)
     assert check_checkpoint_layout(folder, 1, 2) and not check_checkpoint_layout(folder, 1, 1)  # re-partition?
+    run_files = {name: (run_dir / name).read_bytes() for name in ("config.toml", "model_cfg.json")}
     other = tandem("train", "--config", str(cfg), "--set", "train.stop_at=0", "--set", "loss.impl=siglip",
                    "--resume", "step00000003")
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    # the refused resume leaves the run describing the model its checkpoints hold
+    assert {name: (run_dir / name).read_bytes() for name in run_files} == run_files
     assert other.stderr.strip().splitlines()[-1] == (
         "tandem: error: checkpoint step00000003 does not fit this model (was it written with another model.*, "
         'loss.impl or method.*?): Missing key(s) in state_dict: "logit_bias".')
@@ -351,3 +358,22 @@ def test_zero3_resume_with_another_number_of_processes(tmp_path, synth_data, sha
         "tandem: error: checkpoint step00000001 does not fit this model (was it written with another model.*, "
         "loss.impl or method.*?): missing ['logit_bias'], unexpected []")
     assert checkpoint_folders(run_dir) == ["step00000001"]
+
+
+def test_each_rank_and_step_draws_its_own_dropout(monkeypatch):
+    """torch's generators are seeded from (seed, rank, step) before each step: ranks draw different
+    dropout masks (all were seeded alike), and a resumed run draws what the uninterrupted one did."""
+    from types import SimpleNamespace
+
+    from training import distributed
+    from training.trainer import Trainer
+
+    def draw(rank: int, step: int, seed: int = 0) -> torch.Tensor:
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        Trainer._seed_step(SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(seed=seed)), step=step))
+        return torch.nn.functional.dropout(torch.ones(64), 0.5)
+
+    assert torch.equal(draw(0, 5), draw(0, 5))
+    assert not torch.equal(draw(0, 5), draw(1, 5))
+    assert not torch.equal(draw(0, 5), draw(0, 6))
+    assert not torch.equal(draw(0, 5), draw(0, 5, seed=1))

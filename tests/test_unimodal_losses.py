@@ -127,3 +127,17 @@ def test_distributed_equals_single_process():
             assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4, case
     codes = torch.cat([out[r]["sinkhorn"] for r in range(world)])
     assert torch.allclose(codes, sinkhorn(z_a @ z_b[:4].T, 0.5, 3), atol=1e-5)
+
+
+def test_sinkhorn_is_finite_for_a_small_epsilon():
+    """exp(cosine / 0.01) overflows fp32; the codes are computed shifted by the maximum (which the
+    normalisation cancels), so they equal the same iterations done in float64."""
+    scores = torch.nn.functional.normalize(torch.randn(32, 6, generator=torch.Generator().manual_seed(0)), dim=-1)
+    q = sinkhorn(scores, epsilon=0.005, iters=3)
+    assert torch.isfinite(q).all() and torch.allclose(q.sum(1), torch.ones(32), atol=1e-5)
+    ref = (scores.double() / 0.005 - scores.double().max() / 0.005).exp().T
+    ref /= ref.sum()
+    for _ in range(3):
+        ref /= ref.sum(1, keepdim=True) * 6
+        ref /= ref.sum(0, keepdim=True) * 32
+    assert torch.allclose(q, (ref * 32).T.float(), atol=1e-5)

@@ -217,3 +217,49 @@ def test_knn_and_linear_probe():
     assert linear_probe_top1(train, labels, test, test_labels, steps=100) > 0.95
     shuffled = labels[torch.randperm(400, generator=g)]  # labels carry no information
     assert knn_top1(train, shuffled, test, test_labels) < 0.5
+
+
+def test_collapse_stats_of_one_row_is_not_a_collapse():
+    one = collapse_stats(torch.randn(1, 16))
+    assert one["embedding_std"] != one["embedding_std"]  # NaN: no spread to measure
+    assert not is_collapsed(one, MethodConfig().collapse_threshold)
+
+
+def test_swav_scores_use_unit_prototypes_without_rewriting_them():
+    """Under ZeRO the optimizer writes its fp32 masters back over the module's weights, so an
+    in-place renormalisation of the prototypes would not last; the forward normalises in the graph."""
+    method, batch = make("swav"), views("swav")
+    loss = method(batch)["loss"]
+    with torch.no_grad():
+        method.prototypes.weight.mul_(torch.linspace(0.2, 5.0, 5)[:, None])  # drifted norms
+    scaled = method.prototypes.weight.detach().clone()
+    assert torch.allclose(method(batch)["loss"], loss, atol=1e-6)
+    assert torch.equal(method.prototypes.weight, scaled)
+
+
+def test_supcon_samples_without_a_label_are_their_own_class(caplog):
+    from types import SimpleNamespace
+
+    from training.errors import UserError
+    from training.unimodal.trainer import UnimodalTrainer
+
+    trainer = SimpleNamespace(cfg=SimpleNamespace(method=MethodConfig(name="supcon", label_key="shape")),
+                              step=0, device=torch.device("cpu"), unlabelled_warned=False)
+    metas = [{"shape": "circle"}, {}, {"shape": "circle"}, {}]
+    labels = UnimodalTrainer._labels(trainer, metas)
+    assert labels[0] == labels[2] >= 0 and len({int(labels[1]), int(labels[3])} - set(labels[[0, 2]].tolist())) == 2
+    assert trainer.unlabelled_warned and "2 of 4 samples at step 1 have no 'shape'" in caplog.text
+    with pytest.raises(UserError, match=r"^supcon needs labels, and no sample of step 1's batch has 'shape'"):
+        UnimodalTrainer._labels(trainer, [{}, {"class": "red circle"}])
+
+
+def test_evaluation_without_a_labelled_sample_is_one_line(synth_data):
+    from training.errors import UserError
+    from training.unimodal.evaluate import evaluate_backbone
+    from training.unimodal.transforms import eval_transform
+
+    backbone, _ = tiny_backbone()
+    with pytest.raises(UserError, match="^no samples with the label 'nope' in their .json to evaluate on$"):
+        evaluate_backbone(backbone, train_shards=f"{synth_data}/test/shard-00000.tar",
+                          test_shards=f"{synth_data}/test/shard-00001.tar", transform=eval_transform(SIZE),
+                          label_key="nope", train_samples=32)

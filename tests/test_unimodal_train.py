@@ -96,6 +96,19 @@ def test_bf16_byol_resume_equals_uninterrupted(tmp_path, synth_data):
     assert second.returncode == 0, second.stderr[-4000:]
     uninterrupted, resumed = module_state(tmp_path / "full"), module_state(tmp_path / "split")
     assert uninterrupted["target_backbone.conv1.0.weight"].dtype == torch.bfloat16
+
+    # The fp32 export holds the fp32 masters, not the module's bf16 copies widened.
+    from safetensors.torch import load_file
+
+    from training.distributed import consolidated_state_dict
+
+    exported = load_file(str(tmp_path / "full" / "export" / "backbone.safetensors"))
+    tag = (tmp_path / "full" / "checkpoints" / "latest").read_text().strip()
+    masters = consolidated_state_dict(tmp_path / "full" / "checkpoints", tag)
+    weights = [k for k in exported if "running_" not in k and "num_batches" not in k]
+    assert len(weights) > 20 and all(exported[k].dtype == torch.float32 for k in exported)
+    assert [k for k in weights if not torch.equal(exported[k], masters[f"backbone.{k}"])] == []
+    assert any(not torch.equal(exported[k], exported[k].bfloat16().float()) for k in weights)
     assert uninterrupted.keys() == resumed.keys()
     assert [k for k in uninterrupted if not torch.equal(uninterrupted[k], resumed[k])] == []
 

@@ -32,12 +32,28 @@ def check_inputs(cfg: Config, resume: str | None = None) -> None:
     check_sizes(train_urls)
     if resume and resume != "latest" and not (Path(cfg.train.run_dir) / "checkpoints" / resume).is_dir():
         raise UserError(f"no checkpoint '{resume}' in {Path(cfg.train.run_dir) / 'checkpoints'}")
-    resolve_model_config(cfg.model)
+    check_view_sizes(cfg, resolve_model_config(cfg.model))
     check_run_dir_writable(Path(cfg.train.run_dir))
     if cfg.data.val_shards:
         check_remote(expand_shards(cfg.data.val_shards), s3)
     if cfg.data.classes:
         load_classes(cfg.data.classes)
+
+
+def check_view_sizes(cfg: Config, model_cfg: dict) -> None:
+    """An image-only method crops views of ``method.image_size`` (SwAV also smaller ones). A timm
+    tower pools any size; open_clip's own towers (ViT, ModifiedResNet) take only their configured size."""
+    vision = model_cfg["vision_cfg"]
+    if cfg.method.name == "clip" or vision.get("timm_model_name"):
+        return
+    size = vision["image_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else int(size)
+    if cfg.method.image_size not in (0, size):
+        raise UserError(f"method.image_size {cfg.method.image_size}: model '{cfg.model.name}' has an open_clip image "
+                        f"tower, which takes only {size} px images (set 0 or {size}, or use a timm tower)")
+    if cfg.method.name == "swav" and cfg.method.small_crops:
+        raise UserError(f"swav's small crops need a timm image tower; model '{cfg.model.name}' takes only {size} px "
+                        "images: set method.small_crops=0")
 
 
 def check_run_dir_writable(run_dir: Path) -> None:

@@ -67,6 +67,11 @@ def init(timeout_s: float | None = None) -> None:
     """Join (or form) the process group: NCCL on GPU, gloo on CPU."""
     if is_initialized():
         return
+    partial = [k for k in ("RANK", "WORLD_SIZE") if k in os.environ]
+    if len(partial) == 1:
+        other = "WORLD_SIZE" if partial == ["RANK"] else "RANK"
+        raise UserError(f"{partial[0]} is set but {other} is not: a multi-process launch sets RANK, WORLD_SIZE, "
+                        "MASTER_ADDR and MASTER_PORT for every process (torchrun does), a single process none of them")
     if not launched():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -199,10 +204,10 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_reduce_(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over ranks in place (outside autograd); returns it."""
+def all_reduce_(x: torch.Tensor, *, max_: bool = False) -> torch.Tensor:
+    """Sum (or with ``max_``, take the maximum of) ``x`` over ranks in place (outside autograd); returns it."""
     if world_size() > 1:
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if max_ else dist.ReduceOp.SUM)
     return x
 
 
@@ -337,7 +342,7 @@ def point_latest(directory: Path, tag: str) -> None:
 
 def recover_checkpoints(directory: Path) -> None:
     """At a run's start, before it resumes or saves: rank 0 tidies what a run killed mid-save or
-    mid-resize left in ``directory``, then all ranks go on together. A ``.replaced-<tag>`` whose
+    mid-resize (or mid-prune) left in ``directory``, then all ranks go on together. A ``.replaced-<tag>`` whose
     ``<tag>`` is missing (killed between the two renames of a save, when ``latest`` may name it) goes
     back into place; every other leftover is removed."""
     directory = Path(directory)
@@ -348,7 +353,7 @@ def recover_checkpoints(directory: Path) -> None:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.rename(tag)
-        for leftover in [*directory.glob(".saving-*"), *directory.glob(".resize-*")]:
+        for leftover in [*directory.glob(".saving-*"), *directory.glob(".resize-*"), *directory.glob(".pruning-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
     barrier()
 
@@ -515,7 +520,8 @@ def check_checkpoint_layout(folder: Path, zero_stage: int, world: int) -> bool:
     ``zero_pp_rank_R_mp_rank_00_model_states.pt`` (stage 3), and under ZeRO one partition of the
     optimizer state per process."""
     if not any(folder.glob("*model_states.pt")):
-        return False  # not a DeepSpeed checkpoint folder: DeepSpeed says what it says
+        state = "holds no model states" if folder.is_dir() else "does not exist"
+        raise CollectiveError(f"checkpoint {folder.name} in {folder.parent} {state}; {_earlier(folder)}")
     for file in sorted(folder.glob("*.pt")):  # torch.save writes a zip: a cut-off one has no directory
         if not zipfile.is_zipfile(file):
             raise CollectiveError(f"checkpoint {folder.name} cannot be read: {file.name} is cut off or not a "

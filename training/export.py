@@ -46,8 +46,14 @@ def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, preproces
         model_cfg["text_cfg"]["hf_tokenizer_name"] = str(out.resolve())
     model = create_model(model_cfg, pretrained_text=False)
     reference = model.state_dict()
-    # The trainer's one-element logit_scale goes back to open_clip's 0-dim shape.
-    state = {k: v.reshape(reference[k].shape) if k in reference else v for k, v in state.items()}
+    # The trainer's one-element logit_scale goes back to open_clip's 0-dim shape; nothing else is reshaped.
+    state = {k: v.reshape(()) if k in reference and reference[k].dim() == 0 and v.numel() == 1 else v
+             for k, v in state.items()}
+    wrong = [k for k, v in state.items() if k in reference and v.shape != reference[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"checkpoint does not match the model: {k} is {list(state[k].shape)} in the checkpoint and "
+                        f"{list(reference[k].shape)} in the model config ({len(wrong)} tensor(s) differ)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -6,9 +6,11 @@ Imports nothing heavy: the launching process only checks inputs and starts torch
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from training.errors import UserError
@@ -61,7 +63,22 @@ def run_local(nproc: int, argv: list[str]) -> int:
         "--master-addr", "127.0.0.1", "--master-port", str(port),
         "-m", "training.cli", *argv,
     ]
+    child = subprocess.Popen(command, env=env)
+    # torchrun stops its ranks on SIGTERM; a scheduler's or `timeout`'s SIGTERM reaches only this
+    # process, so pass it on rather than leave the ranks training (and saving) as orphans.
+    forwarded = (signal.SIGTERM, signal.SIGHUP)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, lambda sig, _frame: child.send_signal(sig)) for sig in forwarded}
+    interrupted = False
     try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 130
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached torchrun too (same process group): wait for it
+                interrupted = True
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 130 if interrupted else code

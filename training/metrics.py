@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,26 @@ GAUGES = {
 }
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Remove the records of steps after ``step`` from a ``.jsonl`` log: a run resumed at ``step``
+    trains those steps again, and would otherwise log each of them twice. Rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return math.inf  # a line cut off by a kill mid-write: dropped with the steps after the checkpoint
+
+
 class MetricsLogger:
     """Writes ``metrics.jsonl``, serves ``/metrics`` when ``port`` is set, and shows progress."""
 
@@ -41,6 +63,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
+        if start_step:
+            drop_records_after(self.path, start_step)
         self.registry = CollectorRegistry()
         self.gauges = {k: Gauge(f"tandem_train_{k}", doc, registry=self.registry) for k, doc in GAUGES.items()}
         self.skipped = Counter("tandem_train_skipped_samples", "Samples skipped as corrupt or incomplete.",

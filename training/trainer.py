@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from data.pipeline import StreamSpec, make_loader
@@ -27,7 +28,7 @@ from training.evaluate import evaluate
 from training.export import export_checkpoint, write_run_model_config
 from training.grad_cache import grad_cache_step
 from training.losses import clip_loss, siglip_loss
-from training.metrics import MetricsLogger
+from training.metrics import MetricsLogger, drop_records_after
 from training.model import create_model, init_logit_scale, preprocess_config, tokenizer, transforms
 from training.model_config import resolve_model_config
 from training.optim import build_optimizer, cosine_schedule
@@ -140,7 +141,6 @@ class Trainer:
     def build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self._write_run_files()
         distributed.recover_checkpoints(self.ckpt_dir)
         model = self._make_model()
         optimizer = build_optimizer(model, cfg.optim, cfg.loss.max_logit_scale)
@@ -221,6 +221,11 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg.train
+        # Only now, after a resume has been checked against the checkpoint: a mismatched --set must
+        # not leave the run describing a model that its checkpoints are not.
+        self._write_run_files()
+        if distributed.is_main() and self.step:
+            drop_records_after(self.run_dir / "eval.jsonl", self.step)  # metrics.jsonl: the logger's
         metrics = MetricsLogger(self.run_dir, total_steps=cfg.steps, start_step=self.step,
                                 port=cfg.metrics_port, enabled=distributed.is_main())
         if distributed.is_main() and self.step == 0:
@@ -244,6 +249,8 @@ class Trainer:
                 start = time.perf_counter()
                 step_batches = [next(batches) for _ in range(cfg.accum_steps)]
                 waited = time.perf_counter() - start
+                lr = self.engine.get_lr()[0]  # this step's: the schedule moves on in its optimizer step
+                self._seed_step()
                 loss = self.train_step(step_batches)
                 self.step += 1
                 self._note_finite(loss)
@@ -254,7 +261,7 @@ class Trainer:
                     keys = [k for b in step_batches for k in b["key"]]
                     trace.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self._record(metrics, loss, waited, time.perf_counter() - start)
+                    self._record(metrics, loss, lr, waited, time.perf_counter() - start)
                 stop = self.step == cfg.stop_at < cfg.steps  # at the last step the run just finishes
                 if stop or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
@@ -278,7 +285,9 @@ class Trainer:
         (off by default): how the resume test checks "the same samples in the same order"."""
         if not os.environ.get("TANDEM_TRACE_KEYS"):
             return None
-        return (self.run_dir / f"keys.rank{distributed.rank()}.jsonl").open("a", buffering=1)
+        path = self.run_dir / f"keys.rank{distributed.rank()}.jsonl"
+        drop_records_after(path, self.step)
+        return path.open("a", buffering=1)
 
     def _note_finite(self, loss: torch.Tensor) -> None:
         """Fold this step's loss into ``self.finite`` on the device: no host sync per step."""
@@ -306,7 +315,13 @@ class Trainer:
         raise CollectiveError("training diverged: the loss or the weights became NaN or infinite by step "
                               f"{self.step}; {advice}")
 
-    def _record(self, metrics: MetricsLogger, loss: torch.Tensor, waited: float, elapsed: float) -> None:
+    def _seed_step(self) -> None:
+        """Seed torch's generators (dropout, patch dropout) from the seed, this rank and the step:
+        ranks draw different masks, and a resumed run draws what the uninterrupted one would have."""
+        seed = np.random.SeedSequence([self.cfg.train.seed, distributed.rank(), self.step]).generate_state(1)[0]
+        torch.manual_seed(int(seed))
+
+    def _record(self, metrics: MetricsLogger, loss: torch.Tensor, lr: float, waited: float, elapsed: float) -> None:
         world = distributed.world_size()
         loss_sum, wait_sum, skipped_sum, bad_ranks = distributed.all_reduce_sum(
             [float(loss), waited, self.unreported_skips, float(~self.finite)])
@@ -315,7 +330,7 @@ class Trainer:
         self.skipped += int(skipped_sum)
         metrics.log(self.step, {
             "loss": loss_sum / world,
-            "lr": self.engine.get_lr()[0],
+            "lr": lr,
             "samples_per_s": self.cfg.data.batch_size * world * self.cfg.train.accum_steps / max(elapsed, 1e-9),
             "data_wait_s": wait_sum / world,
             "skipped_samples": self.skipped,
@@ -357,8 +372,9 @@ class Trainer:
     def _prune_checkpoints(self, keep: str) -> None:
         tags = self._checkpoint_folders()
         for old in tags[: max(0, len(tags) - self.cfg.train.keep_checkpoints)]:
-            if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+            if old.name != keep:  # out of the step* names first, so a kill mid-delete leaves no half folder
+                doomed = old.rename(old.with_name(f".pruning-{old.name}"))
+                shutil.rmtree(doomed, ignore_errors=True)
 
     def evaluate(self) -> dict[str, float]:
         data = self.cfg.data

@@ -54,7 +54,8 @@ def embed_images(backbone: torch.nn.Module, shards: str, transform: Callable, *,
         backbone.train(was_training)
     local = torch.cat(features)[:quota] if features else torch.zeros(0, 0)
     parts = distributed.all_gather_object((local.numpy(), labels[:quota] if quota else labels))
-    feats = torch.from_numpy(np.concatenate([p[0] for p in parts if len(p[1])]))
+    kept = [p[0] for p in parts if len(p[1])]
+    feats = torch.from_numpy(np.concatenate(kept)) if kept else torch.zeros(0, 0)
     return feats, [label for p in parts for label in p[1]]
 
 
@@ -130,13 +131,14 @@ def collapse_stats(embedding: torch.Tensor) -> dict[str, float]:
 
     ``embedding_std``: the per-dimension std of the L2-normalised embeddings, averaged over
     dimensions and multiplied by sqrt(D): about 1 for embeddings spread over the sphere, 0 when all
-    collapse to one point (the BYOL/SimSiam failure mode; SimSiam paper, Fig. 2).
+    collapse to one point (the BYOL/SimSiam failure mode; SimSiam paper, Fig. 2); NaN for a single
+    row, whose spread is undefined.
     ``effective_rank``: exp of the entropy of the normalised singular values (RankMe, Garrido et
     al. 2023), from 1 (one direction) to min(n, D).
     """
     z = F.normalize(embedding.detach().float(), dim=-1)
     dim = z.shape[1]
-    std = float(z.std(0).mean()) * math.sqrt(dim) if z.shape[0] > 1 else 0.0
+    std = float(z.std(0).mean()) * math.sqrt(dim) if z.shape[0] > 1 else float("nan")
     sigma = torch.linalg.svdvals(z)
     p = sigma / sigma.sum().clamp_min(1e-12) + 1e-12
     return {"embedding_std": std, "effective_rank": float((-(p * p.log()).sum()).exp())}

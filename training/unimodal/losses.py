@@ -11,6 +11,8 @@ the paper's negatives (or batch statistics) span the global batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -161,16 +163,22 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iters: int = 3) -> tor
     Returns:
         ``[B, K]`` assignments, each row summing to 1.
     """
-    # Scores are cosines of normalised vectors, so exp(scores / epsilon) stays finite in fp32.
-    q = (scores.float() / epsilon).exp().T  # [K, B]
-    k, n = q.shape[0], q.shape[1] * distributed.world_size()
-    q /= distributed.all_reduce_(q.sum())
+    # In log space: exp(scores / epsilon) overflows fp32 once epsilon < ~0.011 (cosines / 0.01 > 88),
+    # and shifted into range its far entries underflow to whole zero rows or columns (0 / 0). The
+    # iterations are the same; the first normalisation over everything is dropped, as the row
+    # normalisation that follows cancels any constant factor.
+    log_q = scores.float().T / epsilon  # [K, B]
+    k, n = log_q.shape[0], log_q.shape[1] * distributed.world_size()
     for _ in range(iters):
-        q /= distributed.all_reduce_(q.sum(1, keepdim=True))  # rows: one prototype over all samples
-        q /= k
-        q /= q.sum(0, keepdim=True)  # columns: one sample (local)
-        q /= n
-    return (q * n).T
+        log_q -= _global_logsumexp(log_q) + math.log(k)  # rows: one prototype over all samples
+        log_q -= torch.logsumexp(log_q, dim=0, keepdim=True) + math.log(n)  # columns: one sample (local)
+    return (log_q + math.log(n)).exp().T
+
+
+def _global_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """``log sum exp`` of each row of ``x`` over its columns on every rank: ``[K, 1]``."""
+    top = distributed.all_reduce_(x.max(1, keepdim=True).values, max_=True)
+    return distributed.all_reduce_((x - top).exp().sum(1, keepdim=True)).log() + top
 
 
 def swav_loss(scores: list[torch.Tensor], assignments: list[torch.Tensor], temperature: float = 0.1) -> torch.Tensor:

@@ -215,12 +215,13 @@ class SwAV(Method):
         self.prototypes = nn.Linear(cfg.proj_dim, cfg.prototypes, bias=False)
 
     def forward(self, views, labels=None):
-        with torch.no_grad():  # prototypes stay on the unit sphere
-            self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=-1))
+        # Unit prototypes, normalised in the graph rather than in place: under ZeRO the optimizer
+        # writes its fp32 masters back over the weights, so an in-place normalisation would not last.
+        prototypes = F.normalize(self.prototypes.weight, dim=-1)
         z_global = F.normalize(self.encode(views[:2], self.backbone, self.projector), dim=-1)
         groups = [z_global] + ([F.normalize(self.encode(views[2:], self.backbone, self.projector), dim=-1)]
                                if len(views) > 2 else [])
-        scores = [s for z in groups for s in self.prototypes(z).chunk(len(z) // views[0].shape[0])]
+        scores = [s for z in groups for s in F.linear(z, prototypes).chunk(len(z) // views[0].shape[0])]
         codes = [sinkhorn(s, self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iters) for s in scores[:2]]
         return {"loss": swav_loss(scores, codes, self.temperature), "embedding": z_global.chunk(2)[0]}
 

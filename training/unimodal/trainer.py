@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from training import distributed
 from training.config import Config
+from training.errors import CollectiveError
 from training.trainer import Trainer
 from training.unimodal.evaluate import collapse_stats, evaluate_backbone, is_collapsed
 from training.unimodal.methods import Method, build_method
@@ -55,6 +56,7 @@ class UnimodalTrainer(Trainer):
         self.image_size = None  # decode at full size; crops are taken from the original
         self.last_embedding: torch.Tensor | None = None
         self.collapse_warned = False
+        self.unlabelled_warned = False
 
     def _make_model(self) -> Method:
         return build(self.cfg, self.model_cfg)
@@ -66,8 +68,8 @@ class UnimodalTrainer(Trainer):
         losses = []
         for batch in batches:
             views = split_views(batch["image"].to(self.device, dtype), self.view_shapes)
-            labels = label_tensor(batch["meta"], self.cfg.method.label_key).to(self.device)
-            out = self.engine(views, labels if self.engine.module.needs_labels else None)
+            labels = self._labels(batch["meta"]) if self.engine.module.needs_labels else None
+            out = self.engine(views, labels)
             self.engine.backward(out["loss"])
             self.engine.step()
             losses.append(out["loss"].detach().float())
@@ -75,6 +77,25 @@ class UnimodalTrainer(Trainer):
         distributed.average_(self.norm_stats)
         self.last_embedding = out["embedding"].detach()
         return torch.stack(losses).mean()
+
+    def _labels(self, metas: list[dict]) -> torch.Tensor:
+        """Labels for a supervised method. A sample without the label is its own class (its other
+        view is its one positive, as in SimCLR); a global batch with none at all is a mistake (a
+        wrong ``method.label_key``), not something to train on."""
+        key = self.cfg.method.label_key
+        labels = label_tensor(metas, key)
+        missing = labels < 0
+        total = distributed.all_reduce_sum([float(missing.sum()), float(len(labels))])
+        if total[0] == total[1]:
+            raise CollectiveError(f"{self.cfg.method.name} needs labels, and no sample of step {self.step + 1}'s "
+                                  f"batch has '{key}' in its .json (method.label_key)")
+        if total[0] and not self.unlabelled_warned and distributed.is_main():
+            log.warning("%d of %d samples at step %d have no '%s'; each is treated as its own class",
+                        int(total[0]), int(total[1]), self.step + 1, key)
+            self.unlabelled_warned = True
+        first = distributed.rank() * len(labels)
+        own = -1 - (first + torch.arange(len(labels)))  # negative, so never a crc32 label
+        return torch.where(missing, own, labels).to(self.device)
 
     def _checkpoint_state(self) -> dict[str, Any]:
         masters = ema_masters(self.engine.module)  # bf16 targets only: the same on every rank
@@ -86,6 +107,8 @@ class UnimodalTrainer(Trainer):
     def _model_metrics(self) -> dict[str, float]:
         """Temperature, the collapse monitor and (for methods with a target network) the momentum."""
         stats = collapse_stats(distributed.all_gather(self.last_embedding))
+        if stats["embedding_std"] != stats["embedding_std"]:  # one row: no spread to measure
+            return {"temperature": self.engine.module.temperature}
         collapsed = is_collapsed(stats, self.cfg.method.collapse_threshold)
         if collapsed and not self.collapse_warned and distributed.is_main():
             log.warning("collapse: embedding std %.3f (threshold %.3f), effective rank %.2f at step %d",
@@ -122,13 +145,23 @@ class UnimodalTrainer(Trainer):
         out = self.run_dir / "export"
         if distributed.is_main():
             out.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().float().contiguous().cpu() for k, v in self.engine.module.backbone.state_dict().items()}
-            save_file(state, str(out / "backbone.safetensors"))
+            save_file(self._backbone_state(), str(out / "backbone.safetensors"))
             (out / "backbone.json").write_text(json.dumps({"method": self.cfg.method.name, "model_cfg": self.model_cfg,
                                                            "image_size": self.crop}, indent=2))
             log.info("exported the %s backbone to %s", self.cfg.method.name, out)
         distributed.barrier()
         return out
+
+
+    def _backbone_state(self) -> dict[str, torch.Tensor]:
+        """The backbone's weights in fp32. A bf16 module holds only bf16 copies, so its parameters
+        come from the fp32 masters of the checkpoint ``fit`` has just saved (as the CLIP export's)."""
+        state = self.engine.module.backbone.state_dict()
+        if self.bf16:
+            full = distributed.consolidated_state_dict(self.ckpt_dir, self._tag())
+            masters = {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
+            state = {k: masters.get(k, v) for k, v in state.items()}
+        return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
 
 
 def load_backbone(export_dir: Path) -> tuple[torch.nn.Module, int]:
