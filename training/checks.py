@@ -16,7 +16,7 @@ from data.s3 import S3Settings
 from data.shards import check_remote, check_sizes, expand_shards, split_sources
 from training.config import Config
 from training.errors import UserError
-from training.model_config import EXPORT_CONFIG_FILE, MODEL_CFG_FILE, resolve_model_config
+from training.model_config import EXPORT_CONFIG_FILE, MODEL_CFG_FILE, image_side, resolve_model_config
 
 
 def check_inputs(cfg: Config, resume: str | None = None) -> None:
@@ -43,11 +43,9 @@ def check_inputs(cfg: Config, resume: str | None = None) -> None:
 def check_view_sizes(cfg: Config, model_cfg: dict) -> None:
     """An image-only method crops views of ``method.image_size`` (SwAV also smaller ones). A timm
     tower pools any size; open_clip's own towers (ViT, ModifiedResNet) take only their configured size."""
-    vision = model_cfg["vision_cfg"]
-    if cfg.method.name == "clip" or vision.get("timm_model_name"):
+    if cfg.method.name == "clip" or model_cfg["vision_cfg"].get("timm_model_name"):
         return
-    size = vision["image_size"]
-    size = size[0] if isinstance(size, (list, tuple)) else int(size)
+    size = image_side(model_cfg)
     if cfg.method.image_size not in (0, size):
         raise UserError(f"method.image_size {cfg.method.image_size}: model '{cfg.model.name}' has an open_clip image "
                         f"tower, which takes only {size} px images (set 0 or {size}, or use a timm tower)")

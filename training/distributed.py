@@ -353,8 +353,9 @@ def recover_checkpoints(directory: Path) -> None:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.rename(tag)
-        for leftover in [*directory.glob(".saving-*"), *directory.glob(".resize-*"), *directory.glob(".pruning-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)
+        for pattern in (".saving-*", ".resize-*", ".pruning-*"):
+            for leftover in directory.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
     barrier()
 
 

@@ -60,6 +60,12 @@ def named_model_config(name: str) -> dict[str, Any] | None:
     return None
 
 
+def image_side(model_cfg: dict[str, Any]) -> int:
+    """The side in pixels of the images the model config's image tower is built for."""
+    size = model_cfg["vision_cfg"]["image_size"]
+    return size[0] if isinstance(size, (list, tuple)) else int(size)
+
+
 def resolve_model_config(cfg: ModelConfig) -> dict[str, Any]:
     """The open_clip ``model_cfg`` dict this run trains, with Tandem's overrides applied."""
     if cfg.name.endswith(".json"):

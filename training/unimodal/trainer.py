@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from training import distributed
 from training.config import Config
 from training.errors import CollectiveError
+from training.model_config import image_side
 from training.trainer import Trainer
 from training.unimodal.evaluate import collapse_stats, evaluate_backbone, is_collapsed
 from training.unimodal.methods import Method, build_method
@@ -36,8 +38,7 @@ def build(cfg: Config, model_cfg: dict[str, Any]) -> Method:
 
 
 def crop_size(cfg: Config, model_cfg: dict[str, Any]) -> int:
-    size = cfg.method.image_size or model_cfg["vision_cfg"]["image_size"]
-    return size[0] if isinstance(size, (list, tuple)) else int(size)
+    return cfg.method.image_size or image_side(model_cfg)
 
 
 def label_tensor(metas: list[dict], key: str) -> torch.Tensor:
@@ -85,13 +86,14 @@ class UnimodalTrainer(Trainer):
         key = self.cfg.method.label_key
         labels = label_tensor(metas, key)
         missing = labels < 0
-        total = distributed.all_reduce_sum([float(missing.sum()), float(len(labels))])
-        if total[0] == total[1]:
+        unlabelled = int(distributed.all_reduce_sum([float(missing.sum())])[0])
+        everyone = len(labels) * distributed.world_size()  # every rank's batch is the same size
+        if unlabelled == everyone:
             raise CollectiveError(f"{self.cfg.method.name} needs labels, and no sample of step {self.step + 1}'s "
                                   f"batch has '{key}' in its .json (method.label_key)")
-        if total[0] and not self.unlabelled_warned and distributed.is_main():
+        if unlabelled and not self.unlabelled_warned and distributed.is_main():
             log.warning("%d of %d samples at step %d have no '%s'; each is treated as its own class",
-                        int(total[0]), int(total[1]), self.step + 1, key)
+                        unlabelled, everyone, self.step + 1, key)
             self.unlabelled_warned = True
         first = distributed.rank() * len(labels)
         own = -1 - (first + torch.arange(len(labels)))  # negative, so never a crc32 label
@@ -107,7 +109,7 @@ class UnimodalTrainer(Trainer):
     def _model_metrics(self) -> dict[str, float]:
         """Temperature, the collapse monitor and (for methods with a target network) the momentum."""
         stats = collapse_stats(distributed.all_gather(self.last_embedding))
-        if stats["embedding_std"] != stats["embedding_std"]:  # one row: no spread to measure
+        if math.isnan(stats["embedding_std"]):  # one row: no spread to measure
             return {"temperature": self.engine.module.temperature}
         collapsed = is_collapsed(stats, self.cfg.method.collapse_threshold)
         if collapsed and not self.collapse_warned and distributed.is_main():
@@ -151,7 +153,6 @@ class UnimodalTrainer(Trainer):
             log.info("exported the %s backbone to %s", self.cfg.method.name, out)
         distributed.barrier()
         return out
-
 
     def _backbone_state(self) -> dict[str, torch.Tensor]:
         """The backbone's weights in fp32. A bf16 module holds only bf16 copies, so its parameters
