@@ -26,7 +26,8 @@ from training.errors import UserError
 log = logging.getLogger(__name__)
 
 _FATAL_CODES = {"NoSuchBucket", "NoSuchKey", "404", "403", "AccessDenied", "InvalidAccessKeyId",
-                "SignatureDoesNotMatch", "InvalidBucketName"}
+                "SignatureDoesNotMatch", "InvalidBucketName", "ExpiredToken", "ExpiredTokenException",
+                "InvalidToken", "PreconditionFailed", "412"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,13 @@ REASONS = {
     "AccessDenied": "access denied (check the credentials and the bucket policy)",
     "403": "access denied (check the credentials)",
     "404": "not found",
+    # boto3 refreshes the credentials it can refresh (instance roles, web identity) before they
+    # expire; a token that has expired anyway was given statically, and no retry renews it
+    "ExpiredToken": "the session token has expired (renew AWS_SESSION_TOKEN or the credentials)",
+    "ExpiredTokenException": "the session token has expired (renew AWS_SESSION_TOKEN or the credentials)",
+    "InvalidToken": "the store rejects the session token (check AWS_SESSION_TOKEN)",
+    "PreconditionFailed": "the object changed while it was being read (it was overwritten mid-shard)",
+    "412": "the object changed while it was being read (it was overwritten mid-shard)",
 }
 NO_CREDENTIALS = ("no credentials found (set data.s3_access_key_id and data.s3_secret_access_key, or "
                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
@@ -167,17 +175,31 @@ class S3Reader(io.RawIOBase):
         self.bucket, self.key = split_url(url)
         self.position = 0
         self.size: int | None = None
+        self.etag = ""
         self.body = None
 
     def readable(self) -> bool:
         return True
 
     def _open(self) -> None:
-        extra = {"Range": f"bytes={self.position}-"} if self.position else {}
+        """GET the object from ``position`` on. A resumed read asks for that version of the object
+        (``If-Match`` its ETag) and checks that the answer starts where it asked: a store or proxy
+        that ignores ``Range`` sends the whole object, whose first ``position`` bytes are skipped."""
+        extra = {"Range": f"bytes={self.position}-", **({"IfMatch": self.etag} if self.etag else {})} \
+            if self.position else {}
         response = client(self.settings).get_object(Bucket=self.bucket, Key=self.key, **extra)
-        self.body = response["Body"]
+        body, length = response["Body"], int(response["ContentLength"])
         if self.size is None:
-            self.size = int(response["ContentLength"])
+            self.size, self.etag = length, str(response.get("ETag", ""))
+        if self.position:
+            answered = response.get("ContentRange", "")
+            if not answered and length == self.size:
+                _skip(body, self.position)
+            elif answered.partition(" ")[2] != f"{self.position}-{self.size - 1}/{self.size}":
+                body.close()
+                raise StoreError(f"cannot read {self.url}: asked for bytes {self.position}-{self.size - 1} of "
+                                 f"{self.size}, the store answered {answered or f'{length} bytes'}")
+        self.body = body
 
     def readinto(self, buffer) -> int:
         if self.size is not None and self.position >= self.size:
@@ -212,6 +234,15 @@ class S3Reader(io.RawIOBase):
             self.body.close()
             self.body = None
         super().close()
+
+
+def _skip(body, count: int) -> None:
+    """Read and drop the first ``count`` bytes of a streaming body."""
+    while count:
+        chunk = body.read(min(count, 1 << 20))
+        if not chunk:
+            raise ConnectionError(f"the body ended {count} bytes before the resume point")
+        count -= len(chunk)
 
 
 def open_url(url: str, settings: S3Settings) -> io.BufferedReader:

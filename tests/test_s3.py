@@ -2,19 +2,22 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import pytest
 import torch
+from botocore.exceptions import ClientError
 
 from data.pipeline import ShardStream, StreamSpec
-from data.s3 import S3Settings
+from data.s3 import S3Settings, fatal_reason, open_url
 from data.shards import check_remote, count_samples, expand_shards
 from data.writer import folder_rows, write_shards
 from tests.conftest import free_port, tandem
@@ -243,3 +246,75 @@ export = false
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 81)) and 3 <= stopped_at < 80
     assert "retrying" in stderr  # the outage was seen and ridden out, not missed
+
+
+class ResumeStore(ThreadingHTTPServer):
+    """An S3 endpoint on 127.0.0.1 that drops the first GET of its one object halfway, then answers the
+    resumed GET as ``mode`` says: ``ignore-range`` (200 and the whole object, as a proxy that drops
+    ``Range`` does), ``wrong-range`` (206 from byte 0) or ``changed`` (412: the object was overwritten)."""
+
+    def __init__(self, data: bytes, mode: str):
+        super().__init__(("127.0.0.1", 0), ResumeHandler)
+        self.data, self.mode, self.requests = data, mode, []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ResumeHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        store, data = self.server, self.server.data
+        store.requests.append({"range": self.headers.get("Range"), "if_match": self.headers.get("If-Match")})
+        if len(store.requests) > 1 and store.mode == "changed":
+            body = b"<Error><Code>PreconditionFailed</Code><Message>At least one precondition failed</Message></Error>"
+            self.send_response(412)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        wrong = len(store.requests) > 1 and store.mode == "wrong-range"
+        self.send_response(206 if wrong else 200)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("ETag", '"v1"')
+        if wrong:
+            self.send_header("Content-Range", f"bytes 0-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if len(store.requests) == 1:  # the connection dies halfway through the first answer
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+        else:
+            self.wfile.write(data)
+
+
+@pytest.mark.parametrize("mode", ["ignore-range", "wrong-range", "changed"])
+def test_a_resumed_read_checks_the_range_and_version_it_gets(mode):
+    data = os.urandom(3 << 20)
+    store = ResumeStore(data, mode)
+    try:
+        s3 = S3Settings(endpoint_url=store.url, region="us-east-1", access_key_id="k", secret_access_key="s",
+                        retry_seconds=30)
+        url = f"s3://{BUCKET}/big.tar"
+        if mode == "ignore-range":  # the whole object came back: its first bytes are skipped, not repeated
+            assert open_url(url, s3).read() == data
+        else:  # never bytes from the wrong place or another version: one line naming the shard
+            reason = "asked for bytes" if mode == "wrong-range" else "the object changed while it was being read"
+            with pytest.raises(UserError, match=rf"^cannot read {url}: {reason}"):
+                open_url(url, s3).read()
+        first, resumed = store.requests[:2]
+        assert first == {"range": None, "if_match": None}
+        assert resumed["if_match"] == '"v1"' and resumed["range"].startswith("bytes=") and resumed["range"] != "bytes=0-"
+    finally:
+        store.shutdown()
+        store.server_close()
+
+
+def test_an_expired_session_token_is_not_retried():
+    expired = ClientError({"Error": {"Code": "ExpiredToken", "Message": "The provided token has expired."}}, "GetObject")
+    assert fatal_reason(expired).startswith("the session token has expired")
