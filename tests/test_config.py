@@ -85,7 +85,8 @@ def test_bad_override_and_values():
     ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),  # would delete the latest one
     ("train.metrics_port=70000", "train.metrics_port must be a port"),
     ("method.knn_k=0", "method.knn_k must be >= 1"),
-    ("method.momentum=1.5", "method.momentum must be in [0, 1]"),
+    ("method.momentum=1.5", "method.momentum must be in [0, 1], or -1 for the paper's"),
+    ("method.momentum=-0.5", "method.momentum must be in [0, 1], or -1 for the paper's"),
     ("method.queue_size=0", "method.queue_size must be >= 1"),
     ("method.sinkhorn_epsilon=0", "method.sinkhorn_epsilon must be > 0"),
     ("method.crop_min_scale=1.2", "method.crop_min_scale must be in [0, 1]"),

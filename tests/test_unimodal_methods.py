@@ -113,6 +113,15 @@ def test_targets_take_no_gradient_and_follow_the_ema_exactly(name):
     assert cosine_momentum(5, 10, 0.99, 1.0) == pytest.approx(0.995)
 
 
+@pytest.mark.parametrize("name, paper", [("moco", 0.999), ("moco_v3", 0.99), ("byol", 0.996)])
+def test_momentum_defaults_to_the_papers_value(name, paper):
+    method = make(name)  # method.momentum left at -1
+    method.after_step(1, 1000)
+    expected = paper if name == "moco" else cosine_momentum(1, 1000, paper, 1.0)
+    assert method.momentum == pytest.approx(expected)
+    assert make(name, momentum=0.0, momentum_end=0.0).base_momentum == 0.0  # 0 is a momentum, not "default"
+
+
 
 def test_bf16_targets_follow_the_fp32_ema():
     """Under bf16 every parameter is bf16, the frozen target's too; the average must still move it.

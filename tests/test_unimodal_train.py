@@ -51,6 +51,7 @@ def test_moco_train_evaluate_export_and_resume(tmp_path, synth_data):
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     run = tandem("train", "--config", str(write_config(tmp_path / "full.toml", synth_data, full_dir)))
     assert run.returncode == 0, run.stderr[-4000:]
+    assert "method.shuffle_bn has no effect in one process" in run.stderr  # one process: nothing to shuffle over
     records = [json.loads(line) for line in (full_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {"loss", "embedding_std", "effective_rank", "collapsed", "momentum"} <= set(records[0])

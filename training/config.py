@@ -157,9 +157,10 @@ class MethodConfig:
     """Output width of the projection head (the embedding the loss sees)."""
     predictor: bool = True
     """BYOL/SimSiam/MoCo v3: use the prediction head (false makes BYOL and SimSiam collapse; for tests)."""
-    momentum: float = 0.99
+    momentum: float = -1.0
     """MoCo/BYOL: EMA momentum of the target (key) encoder; the cosine schedule of BYOL and MoCo v3
-    starts here (MoCo v2 keeps it constant)."""
+    starts here (MoCo v2 keeps it constant). -1 (the default): the paper's value (MoCo v2 0.999, MoCo v3
+    0.99, BYOL 0.996); 0 makes the target a copy of the online network at every step."""
     momentum_end: float = 1.0
     """BYOL, MoCo v3: the momentum the cosine schedule reaches at the last step."""
     queue_size: int = 4096
@@ -288,7 +289,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("method.temperature", *_at_least(0, "0: the paper's")),
     ("method.proj_hidden", *_at_least(1)),
     ("method.proj_dim", *_at_least(1)),
-    ("method.momentum", *_within(0, 1, "in [0, 1]")),
+    ("method.momentum", lambda value: value == -1 or 0 <= value <= 1, "in [0, 1], or -1 for the paper's"),
     ("method.momentum_end", *_within(0, 1, "in [0, 1]")),
     ("method.queue_size", *_at_least(1)),
     ("method.barlow_lambda", *_at_least(0)),

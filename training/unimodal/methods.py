@@ -40,6 +40,7 @@ class Method(nn.Module):
 
     name = ""
     default_temperature = 0.1
+    paper_momentum = float("nan")  # methods with a target network: the paper's base EMA momentum
     needs_labels = False
 
     def __init__(self, backbone: nn.Module, dim: int, cfg: MethodConfig):
@@ -47,6 +48,7 @@ class Method(nn.Module):
         self.backbone = backbone
         self.cfg = cfg
         self.temperature = cfg.temperature or self.default_temperature
+        self.base_momentum = cfg.momentum if cfg.momentum >= 0 else self.paper_momentum
         self.momentum = float("nan")  # the last EMA momentum, for the metrics (nan: no target)
 
     def encode(self, views: list[torch.Tensor], *modules: nn.Module) -> torch.Tensor:
@@ -96,7 +98,7 @@ class MomentumKeys(Method):
         self.projector = projector
         self.key_backbone, self.key_projector = frozen_copy(backbone), frozen_copy(projector)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))  # seeds the key shuffle
-        self.momentum = cfg.momentum
+        self.momentum = self.base_momentum
 
     def keys(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Normalised keys ``[V*B, D]``, view-major; with ``shuffle_bn`` the batch is shuffled across
@@ -118,6 +120,8 @@ class MomentumKeys(Method):
 class MoCo(MomentumKeys):
     """MoCo v2 with the symmetric loss: both views serve as query and as key."""
 
+    paper_momentum = 0.999
+
     def __init__(self, backbone, dim, cfg):
         super().__init__(backbone, dim, cfg, mlp(dim, cfg.proj_hidden, cfg.proj_dim))
         self.queue = KeyQueue(cfg.queue_size, cfg.proj_dim)
@@ -131,7 +135,7 @@ class MoCo(MomentumKeys):
         return {"loss": loss, "embedding": q_a}
 
     def after_step(self, step, total_steps):
-        self.update_keys(self.cfg.momentum)
+        self.update_keys(self.base_momentum)
 
 
 @register("moco_v3")
@@ -141,6 +145,7 @@ class MoCoV3(MomentumKeys):
     The default temperature is the paper's for ResNets, 1.0 (its ViTs use 0.2)."""
 
     default_temperature = 1.0
+    paper_momentum = 0.99
 
     def __init__(self, backbone, dim, cfg):
         super().__init__(backbone, dim, cfg, mlp(dim, cfg.proj_hidden, cfg.proj_dim, layers=3, last_bn=True))
@@ -154,17 +159,19 @@ class MoCoV3(MomentumKeys):
         return {"loss": loss, "embedding": z.chunk(2)[0]}
 
     def after_step(self, step, total_steps):
-        self.update_keys(cosine_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_end))
+        self.update_keys(cosine_momentum(step, total_steps, self.base_momentum, self.cfg.momentum_end))
 
 
 @register("byol")
 class BYOL(Method):
+    paper_momentum = 0.996
+
     def __init__(self, backbone, dim, cfg):
         super().__init__(backbone, dim, cfg)
         self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim)
         self.predictor = mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim) if cfg.predictor else nn.Identity()
         self.target_backbone, self.target_projector = frozen_copy(backbone), frozen_copy(self.projector)
-        self.momentum = cfg.momentum
+        self.momentum = self.base_momentum
 
     def forward(self, views, labels=None):
         z = self.encode(views[:2], self.backbone, self.projector)
@@ -174,7 +181,7 @@ class BYOL(Method):
         return {"loss": byol_loss(p_a, t_b) + byol_loss(p_b, t_a), "embedding": z.chunk(2)[0]}
 
     def after_step(self, step, total_steps):
-        self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_end)
+        self.momentum = cosine_momentum(step, total_steps, self.base_momentum, self.cfg.momentum_end)
         ema_update_(self.target_backbone, self.backbone, self.momentum)
         ema_update_(self.target_projector, self.projector, self.momentum)
 

@@ -74,11 +74,13 @@ def recipes(method: str, size: int, min_scale: float = 0.0, small_crops: int = 2
         return [ViewRecipe(size, scale, jitter=jitter, blur_p=1.0),
                 ViewRecipe(size, scale, jitter=jitter, blur_p=0.1, solarize_p=0.2)]
     if method == "swav":
-        # Multi-crop: two global crops and low-resolution crops of small areas.
+        # Multi-crop: two global crops and low-resolution crops of small areas, every crop with
+        # SimCLR's colour distortion at strength 1 (jitter 0.8, 0.8, 0.8, 0.2), as SwAV's code has it.
         scale = min_scale or 0.14
         small = max(8, size // 2)
-        return ([ViewRecipe(size, scale)] * 2
-                + [ViewRecipe(small, min(0.05, scale / 2), scale)] * small_crops)
+        jitter = (0.8, 0.8, 0.8, 0.2)
+        return ([ViewRecipe(size, scale, jitter=jitter)] * 2
+                + [ViewRecipe(small, min(0.05, scale / 2), scale, jitter=jitter)] * small_crops)
     if method in ("simclr", "supcon"):
         # SimCLR's small-image (CIFAR) recipe: colour distortion strength 0.5, no blur. (Strength 1,
         # its ImageNet value, leaves too little to match on these tiny images in a short run.)
