@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import tarfile
 from collections import Counter
@@ -249,10 +250,20 @@ class _Job:
     @property
     def fingerprint(self) -> str:
         """What the shard's bytes depend on: the rows, their place, the options and this format. Image
-        files are named, not read: one replaced in place under the same path is not noticed."""
-        rows = [(row.path, row.caption, list(row.extra)) for row in self.chunk]
+        files are not read but checked as make and rsync check them, by size and modification time, so
+        an image replaced under the same path rebuilds its shard."""
+        rows = [(row.path, _file_version(row.path), row.caption, list(row.extra)) for row in self.chunk]
         described = [_FORMAT, self.index, list(self.digits), dataclasses.astuple(self.options), rows]
         return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
+
+
+def _file_version(path: str) -> list[int] | None:
+    """``[size, mtime in ns]`` of a file, None when it cannot be read (such a row is skipped anyway)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns]
 
 
 def _plan(rows: list[Row], options: WriteOptions, output: Output) -> list[_Job]:

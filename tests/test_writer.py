@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -145,6 +146,17 @@ def test_a_rerun_with_other_rows_or_options_rebuilds_and_never_mixes(images, tmp
     changed = [replace(row, caption="another caption") if i == 7 else row for i, row in enumerate(rows)]
     assert write_shards(changed, str(out), WriteOptions(samples_per_shard=6, quality=50))["resumed"] == 1
     assert written(out) == fresh(changed, WriteOptions(samples_per_shard=6, quality=50))
+
+
+def test_an_image_replaced_under_the_same_path_rebuilds_its_shard(images, tmp_path):
+    folder, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(images, folder)
+    options = WriteOptions(samples_per_shard=4)
+    write_shards(folder_rows(folder), str(out), options)
+    _image(99, (50, 40)).save(folder / "img03.jpg", quality=90)  # a new picture, same name and caption
+    assert write_shards(folder_rows(folder), str(out), options)["resumed"] == 2  # the other two shards
+    write_shards(folder_rows(folder), str(tmp_path / "fresh"), options)
+    assert written(out) == written(tmp_path / "fresh")
 
 
 def test_table_mistakes_are_one_line_naming_the_line(images, tmp_path):
