@@ -246,6 +246,18 @@ def test_swav_scores_use_unit_prototypes_without_rewriting_them():
     assert torch.equal(method.prototypes.weight, scaled)
 
 
+def test_swav_prototypes_take_no_gradient_while_frozen():
+    method = make("swav", freeze_prototypes_steps=2)
+    for step in (1, 2, 3):
+        method.zero_grad()
+        method(views("swav", seed=step))["loss"].backward()
+        grad = method.prototypes.weight.grad
+        assert (grad is None) == (step <= 2) and (grad is None or grad.abs().sum() > 0)
+        assert method.backbone[0].weight.grad.abs().sum() > 0  # the rest trains meanwhile
+        method.after_step(step, 10)
+    assert int(method.state_dict()["steps_done"]) == 3  # checkpoints carry where the freeze stands
+
+
 def test_supcon_samples_without_a_label_are_their_own_class(caplog):
     from types import SimpleNamespace
 

@@ -169,10 +169,15 @@ class MethodConfig:
     """MoCo v2/v3: shuffle the key batch across ranks around the key encoder (no BatchNorm shortcut)."""
     barlow_lambda: float = 0.0051
     """Barlow Twins: weight of the off-diagonal (redundancy-reduction) terms (the paper's value)."""
-    prototypes: int = 64
-    """SwAV: number of prototypes."""
+    prototypes: int = 3000
+    """SwAV: number of prototypes (the paper's 3000). Keep it above ``proj_dim``: with fewer, the
+    embeddings can collapse onto a point equally far from every prototype (the loss then sits at
+    log(prototypes) with uniform codes)."""
     sinkhorn_iters: int = 3
     sinkhorn_epsilon: float = 0.05
+    freeze_prototypes_steps: int = 313
+    """SwAV: optimizer steps at the start during which the prototypes take no gradient (the paper's
+    first epoch, 313 steps at its batch of 4096)."""
     small_crops: int = 2
     """SwAV: low-resolution crops besides the two global ones (multi-crop)."""
     image_size: int = 0
@@ -296,6 +301,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("method.prototypes", *_at_least(1)),
     ("method.sinkhorn_iters", *_at_least(1)),
     ("method.sinkhorn_epsilon", *_above(0)),
+    ("method.freeze_prototypes_steps", *_at_least(0)),
     ("method.small_crops", *_at_least(0)),
     ("method.image_size", *_at_least(0, "0 keeps the model's")),
     ("method.crop_min_scale", *_within(0, 1, "in [0, 1] (0 for the paper's)")),

@@ -220,17 +220,24 @@ class SwAV(Method):
         super().__init__(backbone, dim, cfg)
         self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim)
         self.prototypes = nn.Linear(cfg.proj_dim, cfg.prototypes, bias=False)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # for the prototype freeze
 
     def forward(self, views, labels=None):
         # Unit prototypes, normalised in the graph rather than in place: under ZeRO the optimizer
         # writes its fp32 masters back over the weights, so an in-place normalisation would not last.
-        prototypes = F.normalize(self.prototypes.weight, dim=-1)
+        weight = self.prototypes.weight
+        if int(self.steps_done) < self.cfg.freeze_prototypes_steps:
+            weight = weight.detach()
+        prototypes = F.normalize(weight, dim=-1)
         z_global = F.normalize(self.encode(views[:2], self.backbone, self.projector), dim=-1)
         groups = [z_global] + ([F.normalize(self.encode(views[2:], self.backbone, self.projector), dim=-1)]
                                if len(views) > 2 else [])
         scores = [s for z in groups for s in F.linear(z, prototypes).chunk(len(z) // views[0].shape[0])]
         codes = [sinkhorn(s, self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iters) for s in scores[:2]]
         return {"loss": swav_loss(scores, codes, self.temperature), "embedding": z_global.chunk(2)[0]}
+
+    def after_step(self, step, total_steps):
+        self.steps_done.fill_(step)
 
 
 def build_method(name: str, backbone: nn.Module, dim: int, cfg: MethodConfig) -> Method:
