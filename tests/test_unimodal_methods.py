@@ -246,6 +246,13 @@ def test_swav_scores_use_unit_prototypes_without_rewriting_them():
     assert torch.equal(method.prototypes.weight, scaled)
 
 
+def test_heads_follow_their_papers():
+    bn = lambda module: any(isinstance(m, nn.BatchNorm1d) for m in module.modules())  # noqa: E731
+    assert not bn(make("moco").projector)  # MoCo v2: Linear-ReLU-Linear
+    assert bn(make("simclr").projector) and bn(make("byol").projector) and bn(make("byol").predictor)
+    assert isinstance(make("moco_v3").projector[-1], nn.BatchNorm1d)  # v3's projector ends in BatchNorm
+
+
 def test_swav_prototypes_take_no_gradient_while_frozen():
     method = make("swav", freeze_prototypes_steps=2)
     for step in (1, 2, 3):

@@ -118,12 +118,13 @@ class MomentumKeys(Method):
 
 @register("moco")
 class MoCo(MomentumKeys):
-    """MoCo v2 with the symmetric loss: both views serve as query and as key."""
+    """MoCo v2 with the symmetric loss: both views serve as query and as key. Its head is the
+    paper's, Linear-ReLU-Linear, without BatchNorm."""
 
     paper_momentum = 0.999
 
     def __init__(self, backbone, dim, cfg):
-        super().__init__(backbone, dim, cfg, mlp(dim, cfg.proj_hidden, cfg.proj_dim))
+        super().__init__(backbone, dim, cfg, mlp(dim, cfg.proj_hidden, cfg.proj_dim, hidden_bn=False))
         self.queue = KeyQueue(cfg.queue_size, cfg.proj_dim)
 
     def forward(self, views, labels=None):

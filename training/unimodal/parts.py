@@ -36,16 +36,17 @@ def create_backbone(model_cfg: dict[str, Any]) -> tuple[nn.Module, int]:
     return create_model(model_cfg).visual, model_cfg["embed_dim"]
 
 
-def mlp(in_dim: int, hidden: int, out_dim: int, *, layers: int = 2, last_bn: bool = False) -> nn.Sequential:
-    """``layers`` Linear layers with BatchNorm + ReLU between them (the heads of SimCLR, MoCo v2,
-    BYOL, SimSiam and Barlow Twins differ only in width, depth and a final BatchNorm)."""
+def mlp(in_dim: int, hidden: int, out_dim: int, *, layers: int = 2, last_bn: bool = False,
+        hidden_bn: bool = True) -> nn.Sequential:
+    """``layers`` Linear layers with BatchNorm (``hidden_bn``) + ReLU between them (the heads of
+    SimCLR, MoCo v2, BYOL, SimSiam and Barlow Twins differ only in width, depth and BatchNorm)."""
     parts: list[nn.Module] = []
     dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == layers - 1
-        parts.append(nn.Linear(a, b, bias=last and not last_bn))
+        parts.append(nn.Linear(a, b, bias=(last and not last_bn) or (not last and not hidden_bn)))
         if not last:
-            parts += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+            parts += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)] if hidden_bn else [nn.ReLU(inplace=True)]
         elif last_bn:
             parts.append(nn.BatchNorm1d(b, affine=False))
     return nn.Sequential(*parts)
