@@ -25,11 +25,6 @@ from training.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_FATAL_CODES = {"NoSuchBucket", "NoSuchKey", "404", "403", "AccessDenied", "InvalidAccessKeyId",
-                "SignatureDoesNotMatch", "InvalidBucketName", "ExpiredToken", "ExpiredTokenException",
-                "InvalidToken", "PreconditionFailed", "412"}
-
-
 @dataclass(frozen=True)
 class S3Settings:
     """Where and how to reach the store; empty fields defer to the environment and boto3's chain."""
@@ -130,12 +125,13 @@ REASONS = {
     "404": "not found",
     # boto3 refreshes the credentials it can refresh (instance roles, web identity) before they
     # expire; a token that has expired anyway was given statically, and no retry renews it
-    "ExpiredToken": "the session token has expired (renew AWS_SESSION_TOKEN or the credentials)",
-    "ExpiredTokenException": "the session token has expired (renew AWS_SESSION_TOKEN or the credentials)",
+    **dict.fromkeys(("ExpiredToken", "ExpiredTokenException"),
+                    "the session token has expired (renew AWS_SESSION_TOKEN or the credentials)"),
     "InvalidToken": "the store rejects the session token (check AWS_SESSION_TOKEN)",
-    "PreconditionFailed": "the object changed while it was being read (it was overwritten mid-shard)",
-    "412": "the object changed while it was being read (it was overwritten mid-shard)",
+    **dict.fromkeys(("PreconditionFailed", "412"),
+                    "the object changed while it was being read (it was overwritten mid-shard)"),
 }
+_FATAL_CODES = {*REASONS, "InvalidBucketName"}  # what no retry changes
 NO_CREDENTIALS = ("no credentials found (set data.s3_access_key_id and data.s3_secret_access_key, or "
                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
 
@@ -185,8 +181,9 @@ class S3Reader(io.RawIOBase):
         """GET the object from ``position`` on. A resumed read asks for that version of the object
         (``If-Match`` its ETag) and checks that the answer starts where it asked: a store or proxy
         that ignores ``Range`` sends the whole object, whose first ``position`` bytes are skipped."""
-        extra = {"Range": f"bytes={self.position}-", **({"IfMatch": self.etag} if self.etag else {})} \
-            if self.position else {}
+        extra = {"Range": f"bytes={self.position}-"} if self.position else {}
+        if self.position and self.etag:
+            extra["IfMatch"] = self.etag
         response = client(self.settings).get_object(Bucket=self.bucket, Key=self.key, **extra)
         body, length = response["Body"], int(response["ContentLength"])
         if self.size is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -247,7 +248,7 @@ class _Job:
     def name(self) -> str:
         return f"{self.index:0{self.digits[0]}d}"
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """What the shard's bytes depend on: the rows, their place, the options and this format. Image
         files are not read but checked as make and rsync check them, by size and modification time, so

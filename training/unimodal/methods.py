@@ -10,6 +10,7 @@ for the collapse monitor}``; ``after_step`` runs once per optimizer step (moment
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -22,6 +23,8 @@ from training.unimodal.losses import (barlow_twins_loss, byol_loss, moco_loss, m
                                       simsiam_loss, sinkhorn, supcon_loss, swav_loss)
 from training.unimodal.parts import (KeyQueue, cosine_momentum, ema_update_, frozen_copy, mlp,
                                      shuffled_forward)
+
+log = logging.getLogger(__name__)
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -99,6 +102,9 @@ class MomentumKeys(Method):
         self.key_backbone, self.key_projector = frozen_copy(backbone), frozen_copy(projector)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))  # seeds the key shuffle
         self.momentum = self.base_momentum
+        if cfg.shuffle_bn and distributed.world_size() == 1:
+            log.warning("method.shuffle_bn has no effect in one process: the keys' BatchNorm batch is the "
+                        "queries' images (run --nproc >= 2 to shuffle keys across ranks)")
 
     def keys(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Normalised keys ``[V*B, D]``, view-major; with ``shuffle_bn`` the batch is shuffled across

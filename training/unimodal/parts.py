@@ -44,7 +44,7 @@ def mlp(in_dim: int, hidden: int, out_dim: int, *, layers: int = 2, last_bn: boo
     dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == layers - 1
-        parts.append(nn.Linear(a, b, bias=(last and not last_bn) or (not last and not hidden_bn)))
+        parts.append(nn.Linear(a, b, bias=not (last_bn if last else hidden_bn)))  # no bias before a BatchNorm
         if not last:
             parts += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)] if hidden_bn else [nn.ReLU(inplace=True)]
         elif last_bn:

@@ -60,10 +60,6 @@ class UnimodalTrainer(Trainer):
         self.unlabelled_warned = False
 
     def _make_model(self) -> Method:
-        m = self.cfg.method
-        if m.name in ("moco", "moco_v3") and m.shuffle_bn and distributed.world_size() == 1 and distributed.is_main():
-            log.warning("method.shuffle_bn has no effect in one process: the keys' BatchNorm batch is the "
-                        "queries' images (run --nproc >= 2 to shuffle keys across ranks)")
         return build(self.cfg, self.model_cfg)
 
     def train_step(self, batches: list[dict[str, Any]]) -> torch.Tensor:
