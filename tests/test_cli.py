@@ -15,7 +15,7 @@ from tests.conftest import ROOT, free_port, tandem
 from training.checks import check_inputs
 from training.config import load
 from training.errors import UserError
-from training.metrics import MetricsLogger
+from training.metrics import MetricsLogger, Throughput
 
 
 def assert_one_line_error(proc, needle):
@@ -115,6 +115,24 @@ def test_metrics_logger_writes_jsonl_and_serves_prometheus(tmp_path):
     assert "tandem_train_loss 1.5" in body and "tandem_train_step 3.0" in body
     assert "tandem_train_skipped_samples_total 2.0" in body
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["temperature"] == 20.0
+
+
+def test_throughput_covers_every_step_since_the_last_reading():
+    """A log line every 4 steps reports the rate of all 4 (a step's own wall time on a GPU counts only
+    queued kernels); a checkpoint's or an evaluation's time is left out by restarting the window."""
+    now = [0.0]
+    meter = Throughput(clock=lambda: now[0])
+    for seconds in (3.0, 0.5, 0.25, 0.25):  # a slow first step, then fast ones; read after the 4th
+        now[0] += seconds
+        meter.step()
+    assert meter.read(samples_per_step=64) == 4 * 64 / 4.0  # not 64 / 0.25, the last step alone
+    now[0] += 1.0
+    meter.step()
+    now[0] += 30.0  # a checkpoint
+    meter.restart()
+    now[0] += 0.5
+    meter.step()
+    assert meter.read(samples_per_step=64) == 64 / 0.5
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path):

@@ -24,7 +24,7 @@ GAUGES = {
     "loss": "Contrastive loss of the last step, averaged over ranks.",
     "temperature": "Learned softmax scale exp(logit_scale) (the inverse temperature).",
     "lr": "Learning rate of the last step.",
-    "samples_per_s": "Global training throughput over the last step.",
+    "samples_per_s": "Global training throughput since the previous log line, checkpoints and evaluations excluded.",
     "data_wait_s": "Seconds the last step waited for its batch, averaged over ranks.",
     "step": "Optimizer steps completed.",
     # image-only methods (training/unimodal): the collapse monitor
@@ -32,6 +32,32 @@ GAUGES = {
     "effective_rank": "Effective rank (RankMe) of the normalised embeddings of the last step.",
     "collapsed": "1 when embedding_std is below method.collapse_threshold.",
 }
+
+
+class Throughput:
+    """Samples per second over the steps since the last reading.
+
+    Read it after the loss has been copied to the host: on a GPU a step's own wall time counts the
+    kernels it queued, not the kernels run, so only a window that ends at a host sync measures work.
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.restart()
+
+    def restart(self) -> None:
+        """Opens a new window: at each reading, and after a pause that is not training (a
+        checkpoint, an evaluation)."""
+        self.start, self.steps = self.clock(), 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def read(self, samples_per_step: int) -> float:
+        """The window's rate; opens the next window."""
+        rate = samples_per_step * self.steps / max(self.clock() - self.start, 1e-9)
+        self.restart()
+        return rate
 
 
 def drop_records_after(path: Path, step: int) -> None:

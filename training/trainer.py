@@ -28,7 +28,7 @@ from training.evaluate import evaluate
 from training.export import export_checkpoint, write_run_model_config
 from training.grad_cache import grad_cache_step
 from training.losses import clip_loss, siglip_loss
-from training.metrics import MetricsLogger, drop_records_after
+from training.metrics import MetricsLogger, Throughput, drop_records_after
 from training.model import create_model, init_logit_scale, preprocess_config, tokenizer, transforms
 from training.model_config import resolve_model_config
 from training.optim import build_optimizer, cosine_schedule
@@ -244,6 +244,7 @@ class Trainer:
         batches = iter(self._loader())
         result: dict[str, float] = {}
         trace = self._key_trace()
+        self.throughput = Throughput()
         try:
             while self.step < cfg.steps:
                 start = time.perf_counter()
@@ -253,6 +254,7 @@ class Trainer:
                 self._seed_step()
                 loss = self.train_step(step_batches)
                 self.step += 1
+                self.throughput.step()
                 self._note_finite(loss)
                 for batch in step_batches:
                     self.cursor.advance(batch)
@@ -261,12 +263,14 @@ class Trainer:
                     keys = [k for b in step_batches for k in b["key"]]
                     trace.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self._record(metrics, loss, lr, waited, time.perf_counter() - start)
+                    self._record(metrics, loss, lr, waited)
                 stop = self.step == cfg.stop_at < cfg.steps  # at the last step the run just finishes
                 if stop or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
+                    self.throughput.restart()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.evaluate()
+                    self.throughput.restart()
                 if stop:
                     log.info("stopped at step %d as asked (train.stop_at); resume with --resume latest", self.step)
                     return {}
@@ -321,17 +325,19 @@ class Trainer:
         seed = np.random.SeedSequence([self.cfg.train.seed, distributed.rank(), self.step]).generate_state(1)[0]
         torch.manual_seed(int(seed))
 
-    def _record(self, metrics: MetricsLogger, loss: torch.Tensor, lr: float, waited: float, elapsed: float) -> None:
+    def _record(self, metrics: MetricsLogger, loss: torch.Tensor, lr: float, waited: float) -> None:
         world = distributed.world_size()
         loss_sum, wait_sum, skipped_sum, bad_ranks = distributed.all_reduce_sum(
             [float(loss), waited, self.unreported_skips, float(~self.finite)])
+        global_batch = self.cfg.data.batch_size * world * self.cfg.train.accum_steps
+        samples_per_s = self.throughput.read(global_batch)  # float(loss) above waited for the device
         self._stop_if_diverged(bad_ranks)
         self.unreported_skips = 0
         self.skipped += int(skipped_sum)
         metrics.log(self.step, {
             "loss": loss_sum / world,
             "lr": lr,
-            "samples_per_s": self.cfg.data.batch_size * world * self.cfg.train.accum_steps / max(elapsed, 1e-9),
+            "samples_per_s": samples_per_s,
             "data_wait_s": wait_sum / world,
             "skipped_samples": self.skipped,
             **self._model_metrics(),
