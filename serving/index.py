@@ -19,7 +19,10 @@ post-filter would return fewer than ``k`` or none when the filter is selective):
   exact scores of a few thousand vectors cost less than any index search;
 - more matching items go to FAISS as an ``IDSelector`` in the search parameters; should a query come
   back with fewer than ``k`` hits, the search is repeated with ``nprobe`` (IVF) or ``efSearch``
-  (HNSW) four times larger, up to all lists or all items, where nothing can be missed.
+  (HNSW) four times larger. Once a search would score about as many items as match (IVF: the
+  ``nprobe`` lists' share of the items; HNSW: ``efSearch``), the matching items are scored exactly
+  instead, ``EXACT_BATCH`` vectors at a time: that costs no more, and nothing can be missed. A broad
+  filter on a large HNSW index so never widens into a walk of the whole graph.
 
 A field's value -> ids table comes from one scan of ``meta.jsonl``; the scan also records which
 fields exist at all, so a filter on any other name is answered without a scan, and the tables of at
@@ -50,6 +53,7 @@ OFFSETS_FILE = "meta.offsets.npy"
 RECORD_FIELDS = ("key", "caption", "url")  # top-level in a record; any other filter field is in "meta"
 EXACT_IDS = 8192  # filters matching at most this many items are searched exactly (<= 32 MB of 1024-d vectors)
 WIDEN = 4  # a filtered search short of k hits is repeated with nprobe / efSearch this many times larger
+EXACT_BATCH = 8192  # vectors scored at a time when many matching items are searched exactly
 POSTINGS_FIELDS = 32  # fields whose value -> ids table is kept (least recently used goes first)
 
 Scalar = str | int | float | bool
@@ -174,21 +178,32 @@ class Index:
         return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
     def _exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> list[list[tuple[int, float]]]:
-        """The ``k`` best of ``ids`` by exact cosine; ties in id order, as FAISS's flat search."""
-        scores = queries @ self.vectors(ids).T  # [Q, m]
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return [[(int(ids[j]), float(row[j])) for j in order] for order, row in zip(best, scores)]
+        """The ``k`` best of the sorted ``ids`` by exact cosine, ``EXACT_BATCH`` vectors at a time; ties
+        in id order, as FAISS's flat search."""
+        best_ids = np.empty((len(queries), 0), np.int64)
+        best_scores = np.empty((len(queries), 0), np.float32)
+        for start in range(0, len(ids), EXACT_BATCH):
+            batch = ids[start:start + EXACT_BATCH]
+            scores = np.concatenate([best_scores, queries @ self.vectors(batch).T], axis=1)
+            candidates = np.concatenate([best_ids, np.broadcast_to(batch, (len(queries), len(batch)))], axis=1)
+            # stable: the kept ids all precede this batch's, so equal scores stay in id order
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            best_ids = np.take_along_axis(candidates, order, axis=1)
+            best_scores = np.take_along_axis(scores, order, axis=1)
+        return [[(int(i), float(s)) for i, s in zip(row_ids, row_scores)]
+                for row_ids, row_scores in zip(best_ids, best_scores)]
 
-    def _params(self, selector: faiss.IDSelector | None, widen: int) -> tuple[faiss.SearchParameters | None, bool]:
-        """Search parameters ``widen`` times wider than configured, and whether they already search
-        everything (all IVF lists, an efSearch of all items, or a flat index)."""
+    def _params(self, selector: faiss.IDSelector | None, widen: int) -> tuple[faiss.SearchParameters | None, int]:
+        """Search parameters ``widen`` times wider than configured, and about how many items a search
+        with them scores (IVF: its lists' share of the items; HNSW: efSearch; flat: all)."""
         if isinstance(self.index, faiss.IndexIVF):
             nprobe = min(self.nprobe * widen, self.index.nlist)
-            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe), nprobe == self.index.nlist
+            visits = -(-self.count * nprobe // self.index.nlist)
+            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe), visits
         if isinstance(self.index, faiss.IndexHNSW):
             ef = min(max(self.ef_search, 1) * widen, self.count)
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=ef), ef == self.count
-        return (faiss.SearchParameters(sel=selector) if selector is not None else None), True
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=ef), ef
+        return (faiss.SearchParameters(sel=selector) if selector is not None else None), self.count
 
     def search(self, queries: np.ndarray, k: int, where: dict | None = None) -> list[list[tuple[int, float]]]:
         """``[Q, D]`` normalised queries -> per query up to ``k`` (id, cosine), best first.
@@ -205,10 +220,12 @@ class Index:
         selector = faiss.IDSelectorBatch(ids) if ids is not None else None
         widen = 1
         while True:
-            params, widest = self._params(selector, widen)
+            params, visits = self._params(selector, widen)
+            if ids is not None and visits >= len(ids):  # as costly as scoring every match: do that
+                return self._exact(queries, k, ids)
             scores, found = self.index.search(queries, k, params=params)
             hits = [[(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
                     for row_ids, row_scores in zip(found, scores)]
-            if selector is None or widest or min(map(len, hits)) >= k:
+            if ids is None or min(map(len, hits)) >= k:
                 return hits
-            widen *= WIDEN
+            widen *= WIDEN  # ends: visits reaches the item count, which is at least len(ids)

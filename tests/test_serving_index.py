@@ -109,21 +109,32 @@ def test_a_selective_filter_still_gets_k_hits_from_an_approximate_index(factory,
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((4000, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    records = [indexing._record(f"{i:05d}", f"caption {i}", {"tag": "rare" if i % 100 == 0 else "common"})
-               for i in range(4000)]
+    records = [indexing._record(f"{i:05d}", f"caption {i}", {"tag": "rare" if i % 100 == 0 else "common",
+                                                              "decile": i % 10}) for i in range(4000)]
     _write_index(tmp_path / "idx", vectors, records, factory)
     index = Index(tmp_path / "idx", nprobe=1, ef_search=1)
     queries = rng.standard_normal((8, 16)).astype(np.float32)
     rare = np.arange(0, 4000, 100)
-    for k in (10, 40, 100):
-        # 40 matching items: searched exactly, so the best min(k, 40) of them
-        expected = [list(rare[np.argsort(-(vectors[rare] @ q), kind="stable")][:k]) for q in queries]
-        assert [[i for i, _ in hits] for hits in index.search(queries, k, {"tag": "rare"})] == expected
-    # past the exact limit, the FAISS search widens until each query has its k hits
+
+    def brute_force(ids: np.ndarray, k: int) -> list[list[int]]:
+        return [list(ids[np.argsort(-(vectors[ids] @ q), kind="stable")][:k]) for q in queries]
+
+    for k in (10, 40, 100):  # 40 matching items: searched exactly, so the best min(k, 40) of them
+        assert [[i for i, _ in hits] for hits in index.search(queries, k, {"tag": "rare"})] == brute_force(rare, k)
+    # past the exact limit (and 3 vectors per exact batch), the FAISS search widens until each query has
+    # its k hits, or until it would score as many items as match, and then they are scored exactly
     monkeypatch.setattr(index_module, "EXACT_IDS", 0)
-    for q, hits in zip(queries, index.search(queries, 10, {"tag": "rare"})):
-        assert len(hits) == 10 and all(i % 100 == 0 for i, _ in hits)
-        assert np.allclose([s for _, s in hits], [vectors[i] @ q for i, _ in hits], atol=1e-4)
+    monkeypatch.setattr(index_module, "EXACT_BATCH", 3)
+    exact_calls = []
+    monkeypatch.setattr(index, "_exact", lambda *args: exact_calls.append(1) or Index._exact(index, *args))
+    for where, matches in (({"decile": 3}, np.arange(3, 4000, 10)), ({"tag": "rare"}, rare)):
+        for q, hits in zip(queries, index.search(queries, 10, where)):
+            assert len(hits) == 10 and set(i for i, _ in hits) <= set(matches)
+            assert np.allclose([s for _, s in hits], [vectors[i] @ q for i, _ in hits], atol=1e-4)
+    # the 40 rare items: IVF's one list of 64 already holds ~63 items, HNSW reaches efSearch 64 after
+    # three widenings (1, 4, 16), so both score the 40 exactly, in batches of 3: the true best 10
+    assert exact_calls == [1]
+    assert [[i for i, _ in hits] for hits in index.search(queries, 10, {"tag": "rare"})] == brute_force(rare, 10)
 
 
 def test_urls_that_are_not_strings(tiny_export, tmp_path):
