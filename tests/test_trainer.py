@@ -337,9 +337,13 @@ def test_zero3_resume_with_another_number_of_processes(tmp_path, synth_data, sha
     buffers = {k: v for k, v in buffers.items() if "running_" in k}
     assert len(buffers) > 10 and len(weights) > 50
 
+    # The final evaluation reads one held-out shard with two ranks: rank 1 has none, and still joins
+    # each forward that ZeRO 3 gathers the parameters for.
+    one_shard = f"{synth_data}/test/shard-00000.tar"
     run = tandem("train", "--config", str(cfg), "--nproc", "2", "--resume", "latest", "--set", "train.steps=1",
-                 "--set", "train.export=false", "--set", 'data.val_shards=""')
+                 "--set", "train.export=false", "--set", f"data.val_shards={json.dumps(one_shard)}")
     assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])["num_samples"] == 64
     assert "was written by 1 process and this run has 2: its ZeRO partitions" in run.stderr
     assert "MPU" not in run.stderr and "Traceback" not in run.stderr
     assert sorted(p.name for p in folder.glob("zero_pp_rank_*_model_states.pt")) == [
