@@ -121,18 +121,18 @@ def test_throughput_covers_every_step_since_the_last_reading():
     """A log line every 4 steps reports the rate of all 4 (a step's own wall time on a GPU counts only
     queued kernels); a checkpoint's or an evaluation's time is left out by restarting the window."""
     now = [0.0]
-    meter = Throughput(clock=lambda: now[0])
+    meter = Throughput(64, clock=lambda: now[0])  # 64 samples a step
     for seconds in (3.0, 0.5, 0.25, 0.25):  # a slow first step, then fast ones; read after the 4th
         now[0] += seconds
         meter.step()
-    assert meter.read(samples_per_step=64) == 4 * 64 / 4.0  # not 64 / 0.25, the last step alone
+    assert meter.read() == 4 * 64 / 4.0  # not 64 / 0.25, the last step alone
     now[0] += 1.0
     meter.step()
     now[0] += 30.0  # a checkpoint
     meter.restart()
     now[0] += 0.5
     meter.step()
-    assert meter.read(samples_per_step=64) == 64 / 0.5
+    assert meter.read() == 64 / 0.5
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path):

@@ -41,8 +41,8 @@ class Throughput:
     kernels it queued, not the kernels run, so only a window that ends at a host sync measures work.
     """
 
-    def __init__(self, clock=time.perf_counter):
-        self.clock = clock
+    def __init__(self, samples_per_step: int, clock=time.perf_counter):
+        self.samples_per_step, self.clock = samples_per_step, clock
         self.restart()
 
     def restart(self) -> None:
@@ -53,9 +53,9 @@ class Throughput:
     def step(self) -> None:
         self.steps += 1
 
-    def read(self, samples_per_step: int) -> float:
+    def read(self) -> float:
         """The window's rate; opens the next window."""
-        rate = samples_per_step * self.steps / max(self.clock() - self.start, 1e-9)
+        rate = self.samples_per_step * self.steps / max(self.clock() - self.start, 1e-9)
         self.restart()
         return rate
 

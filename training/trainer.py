@@ -228,10 +228,10 @@ class Trainer:
             drop_records_after(self.run_dir / "eval.jsonl", self.step)  # metrics.jsonl: the logger's
         metrics = MetricsLogger(self.run_dir, total_steps=cfg.steps, start_step=self.step,
                                 port=cfg.metrics_port, enabled=distributed.is_main())
+        global_batch = self.cfg.data.batch_size * distributed.world_size() * cfg.accum_steps
         if distributed.is_main() and self.step == 0:
             samples = self.cfg.data.train_num_samples or count_samples(
                 expand_shards(self.cfg.data.train_shards), self.s3)
-            global_batch = self.cfg.data.batch_size * distributed.world_size() * cfg.accum_steps
             if samples is None:
                 log.info("training samples: unknown (S3 shards without a sizes.json beside them; "
                          "data.train_num_samples sets the count), global batch %d", global_batch)
@@ -244,7 +244,7 @@ class Trainer:
         batches = iter(self._loader())
         result: dict[str, float] = {}
         trace = self._key_trace()
-        self.throughput = Throughput()
+        throughput = Throughput(global_batch)
         try:
             while self.step < cfg.steps:
                 start = time.perf_counter()
@@ -254,7 +254,7 @@ class Trainer:
                 self._seed_step()
                 loss = self.train_step(step_batches)
                 self.step += 1
-                self.throughput.step()
+                throughput.step()
                 self._note_finite(loss)
                 for batch in step_batches:
                     self.cursor.advance(batch)
@@ -263,14 +263,14 @@ class Trainer:
                     keys = [k for b in step_batches for k in b["key"]]
                     trace.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self._record(metrics, loss, lr, waited)
+                    self._record(metrics, loss, lr, waited, throughput)
                 stop = self.step == cfg.stop_at < cfg.steps  # at the last step the run just finishes
                 if stop or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
-                    self.throughput.restart()
+                    throughput.restart()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.evaluate()
-                    self.throughput.restart()
+                    throughput.restart()
                 if stop:
                     log.info("stopped at step %d as asked (train.stop_at); resume with --resume latest", self.step)
                     return {}
@@ -325,12 +325,12 @@ class Trainer:
         seed = np.random.SeedSequence([self.cfg.train.seed, distributed.rank(), self.step]).generate_state(1)[0]
         torch.manual_seed(int(seed))
 
-    def _record(self, metrics: MetricsLogger, loss: torch.Tensor, lr: float, waited: float) -> None:
+    def _record(self, metrics: MetricsLogger, loss: torch.Tensor, lr: float, waited: float,
+                throughput: Throughput) -> None:
         world = distributed.world_size()
         loss_sum, wait_sum, skipped_sum, bad_ranks = distributed.all_reduce_sum(
             [float(loss), waited, self.unreported_skips, float(~self.finite)])
-        global_batch = self.cfg.data.batch_size * world * self.cfg.train.accum_steps
-        samples_per_s = self.throughput.read(global_batch)  # float(loss) above waited for the device
+        samples_per_s = throughput.read()  # float(loss) above waited for the device
         self._stop_if_diverged(bad_ranks)
         self.unreported_skips = 0
         self.skipped += int(skipped_sum)
