@@ -2,17 +2,24 @@
 the collapse monitor, multi-view transforms and the kNN / linear-probe evaluation."""
 
 import copy
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from tests.conftest import free_port
 
 from training.config import METHOD_NAMES, MethodConfig, OptimConfig
 from training.distributed import batch_norms_with_fp32_statistics
 from training.optim import build_optimizer
 from training.unimodal import methods as methods_mod, parts
 from training.unimodal.evaluate import collapse_stats, is_collapsed, knn_top1, linear_probe_top1
+from training.unimodal.losses import sinkhorn
 from training.unimodal.methods import METHODS, build_method
 from training.unimodal.parts import KeyQueue, cosine_momentum, split_views
 from training.unimodal.transforms import MultiView, recipes
@@ -263,6 +270,81 @@ def test_swav_prototypes_take_no_gradient_while_frozen():
         assert method.backbone[0].weight.grad.abs().sum() > 0  # the rest trains meanwhile
         method.after_step(step, 10)
     assert int(method.state_dict()["steps_done"]) == 3  # checkpoints carry where the freeze stands
+
+
+def swav_batches(count: int, rows: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    """``count`` batches of two global crops' unit embeddings ``[rows, 8]`` (make's proj_dim)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[F.normalize(torch.randn(rows, 8, generator=g), dim=-1) for _ in range(2)] for _ in range(count)]
+
+
+def swav_codes(method, z, rows=slice(None)):
+    prototypes = F.normalize(method.prototypes.weight.detach(), dim=-1)
+    z = [crop[rows] for crop in z]
+    return method.codes([crop @ prototypes.T for crop in z], tuple(z), prototypes)
+
+
+def test_swav_queue_joins_sinkhorn_once_full_and_fills_from_its_start_step():
+    method = make("swav", swav_queue=12, swav_queue_start_steps=1)
+    prototypes = F.normalize(method.prototypes.weight.detach(), dim=-1)
+    plain = lambda z: [sinkhorn(crop @ prototypes.T) for crop in z]  # noqa: E731
+    first, *filling, full, after = swav_batches(5, 6)
+    assert all(torch.equal(c, p) for c, p in zip(swav_codes(method, first), plain(first)))
+    assert int(method.queued) == 0  # nothing queued before the start step
+    method.after_step(1, 10)
+    for z in filling:  # two batches of 6 fill the queue of 12; until then the codes are the batch's own
+        assert all(torch.equal(c, p) for c, p in zip(swav_codes(method, z), plain(z)))
+    assert int(method.queued) == 12
+    for crop in range(2):  # FIFO, per global crop
+        assert torch.equal(method.queues[crop].keys, torch.cat([z[crop] for z in filling]))
+    queued = [q.keys.clone() for q in method.queues]
+    codes = swav_codes(method, full)
+    for crop in range(2):
+        expected = sinkhorn(torch.cat([queued[crop], full[crop]]) @ prototypes.T)[-6:]
+        assert torch.allclose(codes[crop], expected, atol=1e-6)
+        assert not torch.allclose(codes[crop], plain(full)[crop], atol=1e-3)
+        assert torch.allclose(codes[crop].sum(1), torch.ones(6), atol=1e-5)
+        assert torch.equal(method.queues[crop].keys[:6], full[crop])  # the oldest rows go first
+    swav_codes(method, after)
+    assert all(torch.equal(method.queues[crop].keys, torch.cat([full[crop], after[crop]])) for crop in range(2))
+    assert {"queues.0.keys", "queues.1.ptr", "queued"} <= set(method.state_dict())  # checkpoints carry it
+
+
+def test_swav_forward_trains_with_the_queue():
+    method = make("swav", swav_queue=12)
+    for seed in range(4):  # the queue is full from the third batch on
+        out = method(views("swav", seed=seed))
+        assert torch.isfinite(out["loss"])
+        out["loss"].backward()
+    assert int(method.queued) == 24 and method.backbone[0].weight.grad.abs().sum() > 0
+
+
+def _swav_queue_worker(rank, world, port, batches, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        method, rows = make("swav", swav_queue=16), len(batches[0][0]) // world
+        out[rank] = [swav_codes(method, z, slice(rank * rows, (rank + 1) * rows)) for z in batches] + \
+            [[q.keys.clone() for q in method.queues]]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_swav_queue_across_ranks_equals_one_process():
+    """At world 2 the queue holds the global batch on every rank and each rank scores its half of
+    it, so the codes equal one process's over the same global batches."""
+    world, batches = 2, swav_batches(4, 8, seed=1)  # 2 batches of 8 fill the queue of 16
+    out = mp.Manager().dict()
+    mp.spawn(_swav_queue_worker, args=(world, free_port(), batches, out), nprocs=world, join=True)
+    single = make("swav", swav_queue=16)
+    for i, z in enumerate(batches):
+        expected = swav_codes(single, z)
+        for crop in range(2):
+            got = torch.cat([out[r][i][crop] for r in range(world)])
+            assert torch.allclose(got, expected[crop], atol=1e-5), (i, crop)
+    for r in range(world):
+        assert all(torch.equal(a, b.keys) for a, b in zip(out[r][-1], single.queues))
 
 
 def test_supcon_samples_without_a_label_are_their_own_class(caplog):

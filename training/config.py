@@ -180,6 +180,13 @@ class MethodConfig:
     first epoch, 313 steps at its batch of 4096)."""
     small_crops: int = 2
     """SwAV: low-resolution crops besides the two global ones (multi-crop)."""
+    swav_queue: int = 0
+    """SwAV: embeddings of earlier global crops (one queue per global crop, the global batch's rows
+    over all ranks) scored against the current prototypes beside the batch in Sinkhorn-Knopp, so a
+    small batch still spreads over many prototypes (the paper's 3840 at its batch of 256; 0: none).
+    Used once full; each rank scores its own ``1/world`` of it; only the batch's codes are kept."""
+    swav_queue_start_steps: int = 0
+    """SwAV: optimizer steps before the queue starts filling (the paper starts it at epoch 15)."""
     image_size: int = 0
     """Side of the global crops (0: the model config's image size)."""
     crop_min_scale: float = 0.0
@@ -303,6 +310,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("method.sinkhorn_epsilon", *_above(0)),
     ("method.freeze_prototypes_steps", *_at_least(0)),
     ("method.small_crops", *_at_least(0)),
+    ("method.swav_queue", *_at_least(0, "0: none")),
+    ("method.swav_queue_start_steps", *_at_least(0)),
     ("method.image_size", *_at_least(0, "0 keeps the model's")),
     ("method.crop_min_scale", *_within(0, 1, "in [0, 1] (0 for the paper's)")),
     ("method.knn_k", *_at_least(1)),

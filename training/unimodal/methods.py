@@ -221,13 +221,18 @@ class BarlowTwins(Method):
 
 @register("swav")
 class SwAV(Method):
-    """Two global crops coded by Sinkhorn-Knopp, predicted from every other crop (multi-crop)."""
+    """Two global crops coded by Sinkhorn-Knopp, predicted from every other crop (multi-crop). With
+    ``swav_queue``, earlier global-crop embeddings join the batch in Sinkhorn-Knopp (the paper's
+    queue for small batches): equipartition over K prototypes needs many more than K rows."""
 
     def __init__(self, backbone, dim, cfg):
         super().__init__(backbone, dim, cfg)
         self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim)
         self.prototypes = nn.Linear(cfg.proj_dim, cfg.prototypes, bias=False)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # for the prototype freeze
+        # One queue per global crop, as in the paper; rows queued so far tell when they are all real.
+        self.queues = nn.ModuleList([KeyQueue(cfg.swav_queue, cfg.proj_dim) for _ in range(2)] if cfg.swav_queue else [])
+        self.register_buffer("queued", torch.zeros((), dtype=torch.long))
 
     def forward(self, views, labels=None):
         # Unit prototypes, normalised in the graph rather than in place: under ZeRO the optimizer
@@ -240,8 +245,30 @@ class SwAV(Method):
         groups = [z_global] + ([F.normalize(self.encode(views[2:], self.backbone, self.projector), dim=-1)]
                                if len(views) > 2 else [])
         scores = [s for z in groups for s in F.linear(z, prototypes).chunk(len(z) // views[0].shape[0])]
-        codes = [sinkhorn(s, self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iters) for s in scores[:2]]
+        codes = self.codes(scores[:2], z_global.chunk(2), prototypes)
         return {"loss": swav_loss(scores, codes, self.temperature), "embedding": z_global.chunk(2)[0]}
+
+    @torch.no_grad()
+    def codes(self, scores: list[torch.Tensor], z: tuple[torch.Tensor, ...], prototypes: torch.Tensor) -> list[torch.Tensor]:
+        """Sinkhorn codes ``[B, K]`` of each global crop's scores; then this batch's embeddings ``z``
+        are queued (from ``swav_queue_start_steps`` on)."""
+        eps, iters = self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iters
+        if not self.queues:
+            return [sinkhorn(s, eps, iters) for s in scores]
+        size = self.cfg.swav_queue
+        mine = size // distributed.world_size()  # the same row count on every rank, as sinkhorn assumes
+        start = distributed.rank() * mine
+        codes = []
+        for s, queue in zip(scores, self.queues):
+            if int(self.queued) >= size and mine:
+                past = F.linear(queue.keys[start : start + mine].to(s.dtype), prototypes)
+                s = torch.cat([past, s])
+            codes.append(sinkhorn(s, eps, iters)[-len(scores[0]):])
+        if int(self.steps_done) >= self.cfg.swav_queue_start_steps:
+            for z_g, queue in zip(z, self.queues):
+                queue.enqueue(distributed.all_gather(z_g.detach().float()))
+            self.queued += len(z[0]) * distributed.world_size()
+        return codes
 
     def after_step(self, step, total_steps):
         self.steps_done.fill_(step)

@@ -108,7 +108,8 @@ def cosine_momentum(step: int, total_steps: int, base: float, end: float = 1.0) 
 
 
 class KeyQueue(nn.Module):
-    """MoCo's FIFO queue of normalised keys, a buffer so checkpoints carry it.
+    """A FIFO queue of normalised embeddings (MoCo's keys, SwAV's earlier crops), a buffer so
+    checkpoints carry it.
 
     ``enqueue`` writes the gathered keys of every rank (rank order) at ``ptr``, wrapping around, so
     the oldest keys are overwritten first; the size is independent of the batch.
