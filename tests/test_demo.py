@@ -56,3 +56,15 @@ def test_demo_keeps_its_global_batch_whatever_the_processes(capsys):
         assert demo_config(config, [], 4).data.batch_size == written // 2
         assert demo_config(config, ["data.batch_size=24"], 1).data.batch_size == 24  # the user's batch stands
     assert "1 process: batch 256 per process (the demo's global batch is 256)" in capsys.readouterr().out
+
+
+def test_method_demo_reports_the_trained_and_both_untrained_baselines(tmp_path):
+    out = tmp_path / "simclr"
+    proc = tandem("demo", "--method", "simclr", "--out", str(out), "--train-samples", "256", "--test-samples", "64",
+                  "--set", "train.steps=2", "--set", "method.eval_train_samples=128", "--set", "method.linear_steps=10")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((out / "eval.json").read_text())
+    scores = [f"{kind}_top1{of}" for kind in ("knn", "linear") for of in ("", "_random_init", "_random_init_precise_bn")]
+    assert all(0.0 <= result[k] <= 1.0 for k in scores)
+    assert (result["method"], result["steps"], result["num_samples"], result["num_train_samples"]) == ("simclr", 2, 64, 128)
+    assert "random init, precise BN" in proc.stdout and "eval.json" in proc.stdout

@@ -373,3 +373,26 @@ def test_evaluation_without_a_labelled_sample_is_one_line(synth_data):
         evaluate_backbone(backbone, train_shards=f"{synth_data}/test/shard-00000.tar",
                           test_shards=f"{synth_data}/test/shard-00001.tar", transform=eval_transform(SIZE),
                           label_key="nope", train_samples=32)
+
+
+def test_precise_batchnorm_stats_are_the_data_averages_and_leave_the_backbone_alone(synth_data):
+    from training.unimodal.evaluate import embed_images, recompute_batchnorm_stats
+    from training.unimodal.transforms import eval_transform
+
+    backbone, _ = tiny_backbone()
+    norm = backbone[1]
+    original = copy.deepcopy(backbone.state_dict())
+    shards, transform = f"{synth_data}/train/shard-{{00000..00003}}.tar", eval_transform(SIZE)
+    images = embed_images(nn.Flatten(), shards, transform, label_key="shape", max_samples=48)[0].view(48, 3, SIZE, SIZE)
+    with torch.no_grad():
+        conv = backbone[0](images).transpose(0, 1).flatten(1)  # [channels, pixels of all 48 images]
+    # three equal batches of 16: the average of the batch means is the mean over all 48 images
+    recalibrated = recompute_batchnorm_stats(backbone, shards, transform, samples=48, batch_size=16)
+    assert torch.allclose(recalibrated[1].running_mean, conv.mean(1), atol=1e-5)
+    assert int(recalibrated[1].num_batches_tracked) == 3 and not recalibrated.training
+    # one batch: the running variance is that batch's (unbiased) variance
+    one = recompute_batchnorm_stats(backbone, shards, transform, samples=48)
+    assert torch.allclose(one[1].running_var, conv.var(1), rtol=1e-4)
+    assert one[1].momentum == norm.momentum == 0.1
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in original.items())  # weights and stats untouched
+    assert torch.equal(one[0].weight, backbone[0].weight)

@@ -1,5 +1,6 @@
 """``tandem demo --method M``: synthetic shards -> DeepSpeed training of an image-only method ->
-kNN and linear-probe evaluation of the trained and of the untrained backbone -> ``eval.json``."""
+kNN and linear-probe evaluation of the trained and of the untrained backbone (as initialised, and
+with its BatchNorm statistics recomputed on the training images) -> ``eval.json``."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def method_config(method: str) -> Path:
 def run_method_demo(out: Path, method: str, *, nproc: int, train_samples: int, test_samples: int,
                     overrides: list[str], framing: str) -> int:
     from training.model_config import resolve_model_config
-    from training.unimodal.evaluate import evaluate_backbone
+    from training.unimodal.evaluate import evaluate_backbone, recompute_batchnorm_stats
     from training.unimodal.trainer import build, crop_size, load_backbone
     from training.unimodal.transforms import eval_transform
 
@@ -47,7 +48,12 @@ def run_method_demo(out: Path, method: str, *, nproc: int, train_samples: int, t
                     train_samples=m.eval_train_samples, knn_k=m.knn_k, knn_temperature=m.knn_temperature,
                     linear_steps=m.linear_steps)
     trained = evaluate_backbone(load_backbone(run_dir / "export")[0], **protocol)
-    untrained = evaluate_backbone(build(cfg, model_cfg).backbone, **protocol)
+    initial = build(cfg, model_cfg).backbone
+    untrained = evaluate_backbone(initial, **protocol)
+    # The untrained backbone again, its BatchNorm statistics recomputed on the training images:
+    # what the data's statistics alone give, with no weight learned.
+    recalibrated = evaluate_backbone(recompute_batchnorm_stats(
+        initial, cfg.data.train_shards, protocol["transform"], samples=m.eval_train_samples), **protocol)
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     result = {
         "method": method,
@@ -55,6 +61,8 @@ def run_method_demo(out: Path, method: str, *, nproc: int, train_samples: int, t
         "linear_top1": trained["linear_top1"],
         "knn_top1_random_init": untrained["knn_top1"],
         "linear_top1_random_init": untrained["linear_top1"],
+        "knn_top1_random_init_precise_bn": recalibrated["knn_top1"],
+        "linear_top1_random_init_precise_bn": recalibrated["linear_top1"],
         "num_samples": trained["num_samples"],
         "num_train_samples": trained["num_train_samples"],
         "label": m.label_key,
@@ -74,9 +82,10 @@ def run_method_demo(out: Path, method: str, *, nproc: int, train_samples: int, t
 def _report(out: Path, run_dir: Path, r: dict) -> None:
     print(f"\n{r['method']}: {r['steps']} steps in {r['train_seconds']:.0f}s ({r['total_seconds']:.0f}s in all); "
           f"label '{r['label']}', {r['num_samples']} held-out samples")
-    print(f"  {'':14s} {'trained':>8s} {'random init':>12s}")
-    print(f"  {'knn_top1':14s} {r['knn_top1']:8.3f} {r['knn_top1_random_init']:12.3f}")
-    print(f"  {'linear_top1':14s} {r['linear_top1']:8.3f} {r['linear_top1_random_init']:12.3f}")
+    print(f"  {'':14s} {'trained':>8s} {'random init':>12s} {'random init, precise BN':>24s}")
+    for key in ("knn_top1", "linear_top1"):
+        print(f"  {key:14s} {r[key]:8.3f} {r[key + '_random_init']:12.3f} {r[key + '_random_init_precise_bn']:24.3f}")
+    print("  (precise BN: the untrained weights with BatchNorm statistics recomputed on the training images)")
     print(f"  collapse monitor: embedding std {r['embedding_std']:.3f}, effective rank {r['effective_rank']:.1f}")
     print(f"\n  run          {run_dir}  (config.toml, metrics.jsonl, eval.jsonl, checkpoints/, export/)")
     print(f"  eval.json    {out / 'eval.json'}")

@@ -9,6 +9,7 @@ since colour jitter makes these methods colour-invariant by design).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -34,9 +35,7 @@ def embed_images(backbone: torch.nn.Module, shards: str, transform: Callable, *,
     device = device or distributed.device()
     backbone.to(device)  # a no-op for the training run's own module; an export loads on the CPU
     world = distributed.world_size()
-    spec = StreamSpec(urls=expand_shards(shards), batch_size=batch_size, rank=distributed.rank(), world=world,
-                      workers=1, train=False, s3=s3)
-    loader = make_loader(spec, transform, _no_text, None, in_process=True)
+    loader = _loader(shards, transform, batch_size, s3)
     quota = math.ceil(max_samples / world) if max_samples else None
     features, labels = [], []
     was_training = backbone.training
@@ -57,6 +56,45 @@ def embed_images(backbone: torch.nn.Module, shards: str, transform: Callable, *,
     kept = [p[0] for p in parts if len(p[1])]
     feats = torch.from_numpy(np.concatenate(kept)) if kept else torch.zeros(0, 0)
     return feats, [label for p in parts for label in p[1]]
+
+
+@torch.no_grad()
+def recompute_batchnorm_stats(backbone: torch.nn.Module, shards: str, transform: Callable, *, samples: int,
+                              batch_size: int = 256, device=None, dtype=torch.float32,
+                              s3: S3Settings = S3Settings()) -> torch.nn.Module:
+    """A copy of ``backbone`` whose BatchNorm running statistics are the exact averages of the batch
+    statistics over (this rank's share of) up to ``samples`` images of ``shards`` seen through
+    ``transform`` ("precise BN", Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"); weights untouched.
+
+    An untrained backbone's running statistics are the initial mean 0 and variance 1, far from what
+    its layers see, so its eval-mode features are a weak baseline. Recomputed, the baseline shows what
+    the data's statistics alone give, and what a trained backbone scores beyond it was learned.
+    """
+    device = device or distributed.device()
+    recalibrated = copy.deepcopy(backbone).to(device)
+    norms = [m for m in recalibrated.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    recalibrated.train()
+    seen = 0
+    for batch in _loader(shards, transform, batch_size, s3):
+        images = batch["image"][: max(samples - seen, 0)]
+        if not len(images):
+            break
+        recalibrated(images.to(device, dtype))
+        seen += len(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return recalibrated.eval()
+
+
+def _loader(shards: str, transform: Callable, batch_size: int, s3: S3Settings):
+    """This rank's share of ``shards`` in order, once, as ``{"image": [b, 3, H, W], "meta": ...}`` batches."""
+    spec = StreamSpec(urls=expand_shards(shards), batch_size=batch_size, rank=distributed.rank(),
+                      world=distributed.world_size(), workers=1, train=False, s3=s3)
+    return make_loader(spec, transform, _no_text, None, in_process=True)
 
 
 def _no_text(captions: list[str]) -> torch.Tensor:
