@@ -308,6 +308,7 @@ def test_swav_queue_joins_sinkhorn_once_full_and_fills_from_its_start_step():
     swav_codes(method, after)
     assert all(torch.equal(method.queues[crop].keys, torch.cat([full[crop], after[crop]])) for crop in range(2))
     assert {"queues.0.keys", "queues.1.ptr", "queued"} <= set(method.state_dict())  # checkpoints carry it
+    assert not {k for k in make("swav").state_dict() if k.startswith("queue")}  # none without a queue
 
 
 def test_swav_forward_trains_with_the_queue():

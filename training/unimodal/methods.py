@@ -230,9 +230,11 @@ class SwAV(Method):
         self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim)
         self.prototypes = nn.Linear(cfg.proj_dim, cfg.prototypes, bias=False)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # for the prototype freeze
-        # One queue per global crop, as in the paper; rows queued so far tell when they are all real.
+        # One queue per global crop, as in the paper; the rows queued so far tell when they are all
+        # real. Without a queue the state is as before it existed, so older checkpoints still load.
         self.queues = nn.ModuleList([KeyQueue(cfg.swav_queue, cfg.proj_dim) for _ in range(2)] if cfg.swav_queue else [])
-        self.register_buffer("queued", torch.zeros((), dtype=torch.long))
+        if cfg.swav_queue:
+            self.register_buffer("queued", torch.zeros((), dtype=torch.long))
 
     def forward(self, views, labels=None):
         # Unit prototypes, normalised in the graph rather than in place: under ZeRO the optimizer
