@@ -80,9 +80,9 @@ def recompute_batchnorm_stats(backbone: torch.nn.Module, shards: str, transform:
     recalibrated.train()
     seen = 0
     for batch in _loader(shards, transform, batch_size, s3):
-        images = batch["image"][: max(samples - seen, 0)]
-        if not len(images):
+        if seen >= samples:
             break
+        images = batch["image"][: samples - seen]
         recalibrated(images.to(device, dtype))
         seen += len(images)
     for m, momentum in zip(norms, momenta):

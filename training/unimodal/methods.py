@@ -260,12 +260,12 @@ class SwAV(Method):
         size = self.cfg.swav_queue
         mine = size // distributed.world_size()  # the same row count on every rank, as sinkhorn assumes
         start = distributed.rank() * mine
-        codes = []
+        rows, codes = len(scores[0]), []
+        use_queue = mine > 0 and int(self.queued) >= size  # one host read for both crops
         for s, queue in zip(scores, self.queues):
-            if int(self.queued) >= size and mine:
-                past = F.linear(queue.keys[start : start + mine].to(s.dtype), prototypes)
-                s = torch.cat([past, s])
-            codes.append(sinkhorn(s, eps, iters)[-len(scores[0]):])
+            if use_queue:
+                s = torch.cat([F.linear(queue.keys[start : start + mine].to(s.dtype), prototypes), s])
+            codes.append(sinkhorn(s, eps, iters)[-rows:])
         if int(self.steps_done) >= self.cfg.swav_queue_start_steps:
             for z_g, queue in zip(z, self.queues):
                 queue.enqueue(distributed.all_gather(z_g.detach().float()))
