@@ -166,6 +166,29 @@ def test_standard_environment_variables_alone(tmp_path, synth_data):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000002"
 
 
+def test_cpu_process_group_builds_no_deepspeed_op(tmp_path):
+    """On CPU DeepSpeed would JIT-compile its inference-only shared-memory all-reduce when the process
+    group forms (minutes on a fresh install, and a compiler in the image). With the extensions folder
+    made unusable, any build attempt fails the process; init must form the group without one."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    script = ("from training import distributed\n"
+              "distributed.init()\n"
+              "import deepspeed.comm.comm as comm\n"
+              "print('shm op:', comm.cdb.shm_comm_op, 'world:', distributed.world_size())\n"
+              "distributed.shutdown()\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(blocker / "extensions")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "shm op: None world: 1"
+
+
 def test_deepspeed_launcher(tmp_path, synth_data):
     import os
     import subprocess

@@ -174,6 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if result and distributed.is_main():
         print(json.dumps(result))
+    distributed.shutdown()  # a process group left to the interpreter's exit can abort in its destructor
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib
 import io
 import logging
 import os
@@ -88,9 +89,9 @@ def init(timeout_s: float | None = None) -> None:
         # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce that only its inference path
         # uses; training's collectives go through gloo. Skipping it saves minutes on a first run
         # and the need for a C++ toolchain in the container (the op builder may return None).
-        import deepspeed.comm.torch as ds_torch_comm
-
-        ds_torch_comm.build_shm_op = lambda: None
+        # ``import deepspeed.comm.torch as m`` would bind the torch package itself (deepspeed.comm
+        # re-exports it as an attribute), so the module is looked up by name.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(
         dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False
     )

@@ -43,3 +43,4 @@ if __name__ == "__main__":
         if distributed.is_main():
             torch.save(emb, run_dir / "probe.pt")
         distributed.barrier()
+    distributed.shutdown()

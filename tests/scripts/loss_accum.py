@@ -71,3 +71,4 @@ if __name__ == "__main__":
         with open(sys.argv[1], "w") as f:
             json.dump(runs, f)
     distributed.barrier()
+    distributed.shutdown()

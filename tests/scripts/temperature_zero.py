@@ -70,3 +70,4 @@ if __name__ == "__main__":
         with open(sys.argv[1], "w") as f:
             json.dump(results, f)
     distributed.barrier()
+    distributed.shutdown()
