@@ -1,9 +1,10 @@
 """Request bytes -> model inputs: base64, image decoding with a pixel cap, the eval transform.
 
-Images decode exactly as ``tandem eval`` decodes them (``data.pipeline.decode_image``: RGB, JPEGs at
-the smallest DCT scale still >= the model's input side), so the server's predictions equal the
-evaluation's. That function cannot be imported here (``data.pipeline`` pulls in webdataset); a test
-checks the two agree.
+Images decode exactly as ``tandem eval`` and ``tandem index`` decode them (``data.pipeline.decode_image``:
+JPEGs at the smallest DCT scale still >= the model's input side, high-bit-depth images scaled to 8
+bits by the shared ``data.modes.to_8bit``, then RGB), so the server's predictions and searches equal
+what evaluation measured and the index holds. That function cannot be imported here (``data.pipeline``
+pulls in webdataset); a test checks the two agree, mode by mode.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from data.modes import to_8bit
 from serving.errors import BadInput, TooLarge
 
 
@@ -45,9 +47,9 @@ def decode_image(data: bytes, size: int, max_pixels: int, what: str = "image") -
             raise TooLarge(f"{what} is {width}x{height} pixels, over the cap of {max_pixels}")
         if image.format == "JPEG":
             image.draft("RGB", (size, size))
-        image = image.convert("RGB")
         image.load()
-        return image
+        image = to_8bit(image)  # convert("RGB") alone clips a 16-bit PNG to near-white
+        return image if image.mode == "RGB" else image.convert("RGB")
     except TooLarge:
         raise
     except Image.DecompressionBombError as error:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -128,6 +129,25 @@ def test_decode_matches_the_training_pipeline(samples):
     for size in (48, 16):  # 16 < 64: the JPEG decodes at a reduced DCT scale, in both
         a, b = decode_image(samples[0]["jpg"], size, 10**8), pipeline_decode(samples[0]["jpg"], size)
         assert a.size == b.size and a.tobytes() == b.tobytes()
+
+    # Other modes: 16-bit greyscale PNG and 32-bit float TIFF (scaled to 8 bits, not clipped to white),
+    # palette with transparency, greyscale with alpha, CMYK JPEG.
+    ramp = np.linspace(0, 1, 40 * 30, dtype=np.float64).reshape(30, 40)
+    images = {
+        "png": Image.fromarray((ramp * 65535).astype(np.uint16)),
+        "tiff": Image.fromarray(ramp.astype(np.float32), "F"),
+        "gif": Image.open(io.BytesIO(samples[1]["jpg"])).convert("P", palette=Image.Palette.ADAPTIVE),
+        "webp": Image.open(io.BytesIO(samples[2]["jpg"])).convert("LA"),
+        "jpeg": Image.open(io.BytesIO(samples[3]["jpg"])).convert("CMYK"),
+    }
+    for fmt, image in images.items():
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **({"transparency": 0} if fmt == "gif" else {}))
+        data = buffer.getvalue()
+        a, b = decode_image(data, 16, 10**8), pipeline_decode(data, 16)
+        assert a.mode == b.mode == "RGB" and a.size == b.size and a.tobytes() == b.tobytes(), fmt
+        if fmt in ("png", "tiff"):
+            assert abs(np.asarray(a).mean() - 127.5) < 2, (fmt, np.asarray(a).mean())  # a ramp, not white
 
 
 def test_embed_texts_and_images_are_normalised_and_match_the_model(api, engine, samples):
