@@ -1,7 +1,7 @@
 """Streaming shards from S3 or any S3-compatible store (MinIO, Ceph, SeaweedFS) with boto3.
 
-Endpoint and credentials come from the config, else the environment (``AWS_ENDPOINT_URL``,
-``AWS_ACCESS_KEY_ID``, ...), else boto3's standard chain. A read that fails mid-shard (the server
+Endpoint, region and credentials come from the config, else the environment (``AWS_ENDPOINT_URL``,
+``AWS_REGION`` or ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ...), else boto3's standard chain. A read that fails mid-shard (the server
 restarted, a connection reset) is resumed with a ranged GET from the byte it stopped at, with
 exponential backoff, so a store that goes away for a while pauses training instead of ending it. What no
 retry can change (a missing key, refused or absent credentials, a store silent past ``retry_seconds``)
@@ -73,8 +73,11 @@ def _client(settings: S3Settings, pid: int):
     }
     if settings.endpoint_url:
         kwargs["endpoint_url"] = settings.endpoint_url
-    if settings.region:
-        kwargs["region_name"] = settings.region
+    # botocore reads only AWS_DEFAULT_REGION; AWS_REGION is what the AWS CLI v2, the other SDKs and
+    # EKS pod identity set, and it wins over AWS_DEFAULT_REGION there, as here.
+    region = settings.region or os.environ.get("AWS_REGION", "")
+    if region:
+        kwargs["region_name"] = region
     if settings.access_key_id:
         kwargs["aws_access_key_id"] = settings.access_key_id
         kwargs["aws_secret_access_key"] = settings.secret_access_key

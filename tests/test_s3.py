@@ -17,7 +17,7 @@ import torch
 from botocore.exceptions import ClientError
 
 from data.pipeline import ShardStream, StreamSpec
-from data.s3 import S3Settings, fatal_reason, open_url
+from data.s3 import S3Settings, check, fatal_reason, open_url
 from data.shards import check_remote, count_samples, expand_shards
 from data.writer import folder_rows, write_shards
 from tests.conftest import free_port, tandem
@@ -112,6 +112,39 @@ def test_settings_mistakes_are_one_line_and_missing_credentials_are_not_retried(
     anonymous = S3Settings(endpoint_url=s3_server.url, region="us-east-1", retry_seconds=2)
     with pytest.raises(UserError, match=rf"^cannot read {shard}: no credentials found"):
         keys([shard], anonymous)
+
+
+def test_the_region_is_the_configs_else_aws_region_else_aws_default_region(monkeypatch):
+    """The region a request is signed for, read from SigV4's credential scope as a server sees it: a
+    MinIO or Ceph with a region of its own refuses requests signed for another. botocore alone reads
+    only AWS_DEFAULT_REGION; AWS_REGION (the AWS CLI's and the other SDKs' name) wins over it."""
+    scopes = []
+
+    class Store(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            scopes.append(self.headers["Authorization"].split("Credential=")[1].split(",")[0])
+            self.send_response(200)
+            self.send_header("Content-Length", "7")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Store)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = S3Settings(endpoint_url=f"http://127.0.0.1:{server.server_port}", access_key_id="AKID",
+                          secret_access_key="secret")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+        monkeypatch.setenv("AWS_REGION", "eu-west-3")
+        assert check("s3://b/k.tar", replace(base, region="ap-south-1")) == 7
+        assert check("s3://b/k.tar", base) == 7
+        monkeypatch.delenv("AWS_REGION")
+        assert check("s3://b/k.tar", replace(base, retry_seconds=1)) == 7  # another client (cached by settings)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [scope.split("/")[2] for scope in scopes] == ["ap-south-1", "eu-west-3", "us-west-2"], scopes
 
 
 def test_cli_reports_a_missing_bucket_in_one_line(s3_server, tmp_path):
