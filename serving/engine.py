@@ -8,7 +8,6 @@ Models load with safetensors only (never pickle): an export directory through op
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -131,7 +130,6 @@ def load_engine(model: str, weights: str | None = None, device: str = "auto") ->
     """Load an export directory (``local-dir:``) or a model name/config plus safetensors weights."""
     name, weights = check_model(model, weights)
     target = resolve_device(device)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a Hugging Face text tower loads from the export
     net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=target,
                                                                pretrained_text=False)
     tokenizer = open_clip.get_tokenizer(name)

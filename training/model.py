@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -34,7 +33,6 @@ def create_model(model_cfg: dict[str, Any], *, pretrained_text: bool = True) -> 
     """Instantiate the open_clip module; a Hugging Face tower loads its local weights if asked."""
     model_cfg = copy.deepcopy(model_cfg)
     if "hf_model_name" in model_cfg["text_cfg"]:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model_cfg["text_cfg"]["hf_model_pretrained"] = pretrained_text
         return open_clip.CustomTextCLIP(**model_cfg, output_dict=True)
     return open_clip.CLIP(**model_cfg, output_dict=True)
@@ -59,7 +57,6 @@ def tokenizer(model_cfg: dict[str, Any]) -> Callable:
     """open_clip's tokenizer for the text tower: BPE for CLIP towers, HF for HF towers."""
     text_cfg = model_cfg["text_cfg"]
     if text_cfg.get("hf_tokenizer_name"):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return open_clip.tokenizer.HFTokenizer(
             text_cfg["hf_tokenizer_name"], context_length=text_cfg["context_length"]
         )
