@@ -47,12 +47,45 @@ def test_interrupted_build_resumes_to_the_same_index(tiny_export, test_shards, t
         indexing.build_index(str(tiny_export), test_shards, out, device="cpu")
 
 
+def test_an_unfinished_index_is_not_resumed_with_other_weights(tiny_export, test_shards, tmp_path, monkeypatch):
+    """The same export folder re-written with other weights (a re-export in place) is another model:
+    resuming would mix two models' embeddings in one index."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    real_write = indexing._write_chunk
+
+    def crash_after_first(parts, number, embeddings, records):
+        if number == 1:
+            raise KeyboardInterrupt
+        real_write(parts, number, embeddings, records)
+
+    monkeypatch.setattr(indexing, "_write_chunk", crash_after_first)
+    out = tmp_path / "idx"
+    with pytest.raises(KeyboardInterrupt):
+        indexing.build_index(str(export), test_shards, out, chunk_size=50, batch_size=25, device="cpu")
+    monkeypatch.setattr(indexing, "_write_chunk", real_write)
+    weights = load_file(export / "open_clip_model.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()},
+              export / "open_clip_model.safetensors")
+    with pytest.raises(UserError, match=r"another model \(its weights_sha256 differ\); use another --out"):
+        indexing.build_index(str(export), test_shards, out, chunk_size=50, batch_size=25, device="cpu")
+    assert json.loads((out / "parts" / "progress.json").read_text())["chunks"] == 1  # left as it was
+    summary = indexing.build_index(str(export), test_shards, out, chunk_size=50, batch_size=25, device="cpu",
+                                   overwrite=True)
+    manifest = json.loads((out / "index.json").read_text())
+    assert summary["count"] == 128 and len(manifest["weights_sha256"]) == 64
+
+
 def test_unfinished_index_of_other_shards_is_not_mixed_in(tiny_export, synth_data, test_shards, tmp_path):
     out = tmp_path / "idx"
     (out / "parts").mkdir(parents=True)
     (out / "parts" / "progress.json").write_text(json.dumps(
         {"model": str(tiny_export), "shards": ["/elsewhere.tar"], "dim": 128, "chunks": 1, "cursor": 9, "count": 9}))
-    with pytest.raises(UserError, match="other shards or another model.*--overwrite"):
+    with pytest.raises(UserError, match=r"another model \(its shards, weights_sha256 differ\).*--overwrite"):
         indexing.build_index(str(tiny_export), test_shards, out, device="cpu")
     (out / "parts" / "chunk-00000.npy").write_bytes(b"stale")
     summary = indexing.build_index(str(tiny_export), test_shards, out, batch_size=64, device="cpu", overwrite=True)

@@ -13,6 +13,7 @@ are removed; ``index.json`` is written last, so its presence means the index is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from data.pipeline import StreamSpec, make_loader
 from data.shards import count_samples, expand_shards
-from serving.engine import check_model, load_engine
+from serving.engine import WEIGHTS_FILE, check_model, load_engine
 from serving.index import INDEX_FILE, MANIFEST_FILE, META_FILE, OFFSETS_FILE
 from training.errors import UserError
 
@@ -69,8 +70,9 @@ def _load_progress(parts: Path, identity: dict[str, Any]) -> dict[str, Any]:
         return {**identity, "chunks": 0, "cursor": 0, "count": 0}
     progress = json.loads(path.read_text())
     if {k: progress.get(k) for k in identity} != identity:
-        raise UserError(f"{parts.parent} holds an unfinished index of other shards or another model; "
-                        "use another --out or --overwrite")
+        differs = ", ".join(k for k in identity if progress.get(k) != identity[k])
+        raise UserError(f"{parts.parent} holds an unfinished index of other shards or another model (its {differs} "
+                        "differ); use another --out or --overwrite")
     for stale in parts.glob("chunk-*"):  # a chunk written after the last progress update
         if int(stale.name[6:11]) >= progress["chunks"]:
             stale.unlink()
@@ -150,7 +152,8 @@ def _finish(out: Path, parts: Path, progress: dict[str, Any], kind: str, nlist: 
     np.save(out / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
     faiss.write_index(index, str(out / (INDEX_FILE + ".tmp")))
     os.replace(out / (INDEX_FILE + ".tmp"), out / INDEX_FILE)
-    manifest = {"count": count, "dim": dim, "kind": kind, "model": progress["model"], "model_cfg": model_cfg,
+    manifest = {"count": count, "dim": dim, "kind": kind, "model": progress["model"],
+                "weights_sha256": progress["weights_sha256"], "model_cfg": model_cfg,
                 "shards": progress["shards"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     shutil.rmtree(parts)
@@ -181,8 +184,13 @@ def build_index(model: str, shards: str, out: Path, *, weights: str | None = Non
     engine = load_engine(model, weights, device)
     parts = out / PARTS
     parts.mkdir(parents=True, exist_ok=True)
+    # The weights by content: an export re-written in place, or another --weights file for the same
+    # model name, must not resume an index that holds the other weights' embeddings.
+    weights_file = Path(weights) if weights else Path(model) / WEIGHTS_FILE
+    with weights_file.open("rb") as f:
+        weights_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     identity = {"model": str(Path(model).resolve()) if Path(model).exists() else model, "shards": urls,
-                "dim": engine.embed_dim}
+                "dim": engine.embed_dim, "weights_sha256": weights_sha256}
     progress = _load_progress(parts, identity)
     if progress["chunks"]:
         log.info("resuming %s after %d chunks (%d items)", out, progress["chunks"], progress["count"])
