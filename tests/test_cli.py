@@ -351,6 +351,32 @@ def test_half_a_rendezvous_environment_is_one_line(monkeypatch):
     assert not distributed.is_initialized()
 
 
+@pytest.mark.parametrize("value", ["ten", "0", "-5", "inf", ""])
+def test_a_bad_collective_timeout_is_one_line_and_changes_nothing(monkeypatch, value):
+    from training import distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TANDEM_DIST_TIMEOUT_S", value)
+    with pytest.raises(UserError, match=f"^TANDEM_DIST_TIMEOUT_S must be a number of seconds > 0, got '{value}'$"):
+        distributed.init()
+    assert not distributed.is_initialized() and "RANK" not in os.environ  # refused before forming anything
+
+
+def test_key_tracing_is_off_unless_asked_for(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from training.trainer import Trainer
+
+    trainer = SimpleNamespace(run_dir=tmp_path, step=0)
+    for value, on in (("", False), ("0", False), ("false", False), ("off", False), ("1", True), ("yes", True)):
+        monkeypatch.setenv("TANDEM_TRACE_KEYS", value)
+        trace = Trainer._key_trace(trainer)
+        assert (trace is not None) == on, value
+        if trace:
+            trace.close()
+
+
 def test_open_clip_towers_take_only_their_own_image_size(tmp_path, synth_data):
     """A timm tower pools any crop size; open_clip's ViT does not, so a method's other view sizes are
     refused before anything starts (they were a shape traceback at the first step)."""

@@ -73,12 +73,19 @@ def init(timeout_s: float | None = None) -> None:
         other = "WORLD_SIZE" if partial == ["RANK"] else "RANK"
         raise UserError(f"{partial[0]} is set but {other} is not: a multi-process launch sets RANK, WORLD_SIZE, "
                         "MASTER_ADDR and MASTER_PORT for every process (torchrun does), a single process none of them")
+    if not timeout_s:
+        text = os.environ.get("TANDEM_DIST_TIMEOUT_S", "600")
+        try:
+            timeout_s = float(text)
+        except ValueError:
+            timeout_s = -1.0
+        if not 0 < timeout_s < float("inf"):
+            raise UserError(f"TANDEM_DIST_TIMEOUT_S must be a number of seconds > 0, got {text!r}")
     if not launched():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
-    timeout_s = timeout_s or float(os.environ.get("TANDEM_DIST_TIMEOUT_S", 600))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())

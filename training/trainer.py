@@ -287,7 +287,7 @@ class Trainer:
     def _key_trace(self):
         """With TANDEM_TRACE_KEYS=1, each rank appends its sample keys per step to keys.rank<R>.jsonl
         (off by default): how the resume test checks "the same samples in the same order"."""
-        if not os.environ.get("TANDEM_TRACE_KEYS"):
+        if os.environ.get("TANDEM_TRACE_KEYS", "").strip().lower() in ("", "0", "false", "no", "off"):
             return None
         path = self.run_dir / f"keys.rank{distributed.rank()}.jsonl"
         drop_records_after(path, self.step)
