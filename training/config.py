@@ -25,7 +25,8 @@ class DataConfig:
     train_shards: str = ""
     """WebDataset shard list in brace notation, e.g. ``/data/train/shard-{00000..00099}.tar``."""
     train_num_samples: int = 0
-    """Samples in one epoch; 0 reads ``sizes.json`` beside the shards, else counts the tars."""
+    """Samples in one epoch, for the start-up log line's epoch estimate only (0: ``sizes.json`` beside the
+    shards, else the tars counted). The loader's epochs are always whole passes over the shards."""
     val_shards: str = ""
     """Held-out shards for zero-shot and retrieval evaluation ("" disables evaluation)."""
     classes: str = ""
