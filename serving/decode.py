@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 from typing import Callable
 
 import torch
@@ -37,14 +38,21 @@ def b64decode(text: str, what: str) -> bytes:
 def decode_image(data: bytes, size: int, max_pixels: int, what: str = "image") -> Image.Image:
     """Decode to RGB; reject undecodable or truncated bytes (400) and images over ``max_pixels`` (413).
 
-    The pixel cap is checked on the header's declared size, before any pixel is decoded, so a
-    decompression bomb costs nothing.
+    The pixel cap is checked on the header's declared size, and on that size scaled for the model,
+    before any pixel is decoded, so neither a decompression bomb nor a thin strip costs anything.
     """
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > max_pixels:
             raise TooLarge(f"{what} is {width}x{height} pixels, over the cap of {max_pixels}")
+        # The eval transform scales the short side to the model's input side before its centre crop,
+        # so a thin image (1 x 100,000 is a few hundred bytes) would grow to size x (size * 100,000).
+        short, long = sorted((width, height))
+        resized = size * math.ceil(size * long / max(short, 1))
+        if resized > max_pixels:
+            raise TooLarge(f"{what} is {width}x{height} pixels: scaled to {size} px on its short side for the "
+                           f"model it would be {resized} pixels, over the cap of {max_pixels}")
         if image.format == "JPEG":
             image.draft("RGB", (size, size))
         image.load()

@@ -201,11 +201,18 @@ def _bomb() -> bytes:
     return out.getvalue()
 
 
+def _strip() -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (1, 100_000)).save(out, format="PNG")  # a few hundred bytes; 48 x 4.8M once scaled
+    return out.getvalue()
+
+
 BAD_REQUESTS = [
     ("not an image", "/v1/classify", {"images": [b64(b"hello, world")], "labels": LABELS}, 400, "not an image"),
     ("truncated", "/v1/classify", {"images": [b64(image_bytes()[:300])], "labels": LABELS}, 400, "cannot be decoded"),
     ("not base64", "/v1/classify", {"images": ["%%%"], "labels": LABELS}, 400, "base64"),
     ("bomb", "/v1/classify", {"images": [b64(_bomb())], "labels": LABELS}, 413, "over the cap"),
+    ("thin strip", "/v1/embed", {"images": [b64(_strip())]}, 413, "on its short side for the model"),
     ("no labels", "/v1/classify", {"images": [b64(image_bytes())], "labels": []}, 422, "labels"),
     ("too many labels", "/v1/classify", {"images": [b64(image_bytes())], "labels": ["x"] * 1001}, 422, "labels"),
     ("no images", "/v1/classify", {"images": [], "labels": LABELS}, 422, "images"),
