@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +15,8 @@ from data import s3
 from training.errors import UserError
 
 _CHECK_THREADS = 16  # concurrent HEADs: enough to check thousands of shards in seconds
+MAX_SHARDS = 5_000_000  # DataComp's 12.8B samples are 1.3M shards of 10,000
+_INT_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
 
 
 def split_sources(spec: str) -> list[str]:
@@ -27,10 +31,17 @@ def expand_shards(spec: str) -> list[str]:
     """
     urls: list[str] = []
     for part in split_sources(spec):
+        # braceexpand materialises each {a..b} range before its lazy product: refuse a huge one first.
+        for start, end, step in _INT_RANGE.findall(part):
+            if abs(int(end) - int(start)) // max(abs(int(step or 1)), 1) + 1 > MAX_SHARDS:
+                raise UserError(f"shard pattern '{part}': the range {{{start}..{end}}} names more than "
+                                f"{MAX_SHARDS:,} shards; check its bounds")
         try:
-            urls.extend(braceexpand(part))
+            urls.extend(itertools.islice(braceexpand(part), MAX_SHARDS + 1 - len(urls)))
         except ValueError as error:
             raise UserError(f"bad shard pattern '{part}': {error}") from None
+        if len(urls) > MAX_SHARDS:  # a mistyped range would otherwise expand until memory runs out
+            raise UserError(f"shard list '{spec}' names more than {MAX_SHARDS:,} shards; check its ranges")
     if not urls:
         raise UserError(f"no shards given (shard list '{spec}' is empty)")
     local = [u for u in urls if not s3.is_s3(u)]

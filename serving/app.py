@@ -230,7 +230,7 @@ async def _read(files: list[UploadFile], settings: ServeSettings) -> list[bytes]
 def check_settings(settings: ServeSettings) -> None:
     """Refuse an out-of-range flag or a wrong ``--model``/``--weights``/``--index`` with one line, before the
     server starts."""
-    from serving.engine import check_model, model_embed_dim
+    from serving.engine import check_model, model_embed_dim, resolve_device
     from serving.index import read_manifest
     from training.errors import UserError
 
@@ -250,6 +250,7 @@ def check_settings(settings: ServeSettings) -> None:
     if not 1 <= settings.max_body_bytes <= MAX_BODY_MB * 2**20:
         raise UserError(f"--max-body-mb must be > 0 and at most {MAX_BODY_MB}")
     name, _ = check_model(settings.model, settings.weights)
+    resolve_device(settings.device)
     if settings.index:
         manifest = read_manifest(settings.index)
         dim = model_embed_dim(name)

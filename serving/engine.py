@@ -15,6 +15,7 @@ from typing import Callable
 import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from serving.text import BoundedTokenizer
 from training.errors import UserError
@@ -88,9 +89,17 @@ def ensemble(prompt_features: torch.Tensor, num_templates: int) -> torch.Tensor:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device '{device}' (auto, cpu, cuda or cuda:N)") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise UserError(f"device '{device}' is not supported (auto, cpu, cuda or cuda:N)")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{device}' asked for, but CUDA is not available")
-    return torch.device(device)
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device '{device}' asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return resolved
 
 
 def check_model(model: str, weights: str | None) -> tuple[str, str | None]:
@@ -103,11 +112,13 @@ def check_model(model: str, weights: str | None) -> tuple[str, str | None]:
             raise UserError(f"{path} has no {WEIGHTS_FILE} (only safetensors weights are loaded)")
         if weights:
             raise UserError("--weights is only for a model name or config; an export directory has its own")
+        _check_safetensors(path / WEIGHTS_FILE)
         return f"local-dir:{path.resolve()}", None
     if not weights:
         raise UserError(f"{model} is not an export directory; a model name or config needs --weights FILE.safetensors")
     if not weights.endswith(".safetensors") or not Path(weights).is_file():
         raise UserError(f"--weights must be an existing .safetensors file (no pickle), got {weights}")
+    _check_safetensors(Path(weights))
     if model.endswith(".json"):
         cfg = read_model_config(path)
         if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
@@ -120,6 +131,15 @@ def check_model(model: str, weights: str | None) -> tuple[str, str | None]:
     return model, weights
 
 
+def _check_safetensors(path: Path) -> None:
+    """The file's safetensors header reads (only the header: the tensors stay on disk)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: either way not usable weights
+        raise UserError(f"{path} is not a readable safetensors file ({error})") from None
+
+
 def model_embed_dim(name: str) -> int | None:
     """The embedding dimension a checked model name will have (None if its config does not say)."""
     cfg = open_clip.get_model_config(name)
@@ -130,7 +150,14 @@ def load_engine(model: str, weights: str | None = None, device: str = "auto") ->
     """Load an export directory (``local-dir:``) or a model name/config plus safetensors weights."""
     name, weights = check_model(model, weights)
     target = resolve_device(device)
-    net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=target,
-                                                               pretrained_text=False)
+    try:
+        net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=target,
+                                                                   pretrained_text=False)
+    except torch.OutOfMemoryError:
+        raise
+    except (AssertionError, KeyError, RuntimeError, ValueError) as error:  # open_clip's state-dict checks
+        source = weights or f"{model}/{WEIGHTS_FILE}"
+        detail = " ".join(str(error).split())[:300]
+        raise UserError(f"the weights {source} do not fit model '{model}': {detail}") from None
     tokenizer = open_clip.get_tokenizer(name)
     return Engine(model=net, transform=preprocess, tokenizer=tokenizer, device=target, name=str(model))

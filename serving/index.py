@@ -74,7 +74,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
     manifest = Path(path) / MANIFEST_FILE
     if not manifest.is_file():
         raise UserError(f"{path} is not a finished index (no {MANIFEST_FILE}; run or resume `tandem index`)")
-    return json.loads(manifest.read_text())
+    try:
+        data = json.loads(manifest.read_text())
+    except (ValueError, OSError) as error:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{manifest} is not a readable index manifest ({error})") from None
+    missing = [k for k in ("count", "dim", "kind") if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise UserError(f"{manifest} is not an index manifest written by `tandem index` (no {', '.join(missing)})")
+    return data
 
 
 def _read_faiss(path: Path) -> tuple[faiss.Index, bool]:

@@ -83,7 +83,7 @@ def test_unknown_model(good_config):
     assert_one_line_error(tandem("train", "--config", good_config(), "--set", 'model.name="ViT-Q-99"'), "unknown model")
 
 
-def test_eval_and_export_of_wrong_directories(tmp_path, synth_data):
+def test_eval_and_export_of_wrong_directories(tmp_path, synth_data, capsys):
     assert_one_line_error(tandem("eval", "--model", str(tmp_path), "--data", str(synth_data / "test"),
                                  "--classes", str(synth_data / "classes.json")), "not an exported model")
     assert_one_line_error(tandem("export", "--run", str(tmp_path)), "not a Tandem run directory")
@@ -94,6 +94,22 @@ def test_eval_and_export_of_wrong_directories(tmp_path, synth_data):
                                  "--classes", str(synth_data / "classes.json")), "nowhere-0.tar")
     assert_one_line_error(tandem("eval", "--model", str(tmp_path), "--data", str(synth_data / "test"),
                                  "--classes", str(tmp_path / "missing.json")), "classes file not found")
+    # a checkpoint folder that holds no checkpoint, and output folders that are files (in process: the
+    # same main() the console script runs, without paying a subprocess's imports per case)
+    from training.cli import main
+
+    (tmp_path / "checkpoints" / "empty").mkdir(parents=True)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [(["export", "--run", str(tmp_path), "--tag", "empty"], "holds no model states"),
+             (["export", "--run", str(tmp_path), "--tag", "."], "holds no model states"),
+             (["data", "synth", "--out", str(a_file)], f"--out {a_file} is a file, not a folder"),
+             (["data", "synth", "--out", str(a_file / "x")], f"--out {a_file / 'x'} cannot be written"),
+             (["demo", "--out", str(a_file)], f"--out {a_file} is a file, not a folder")]
+    for args, needle in cases:
+        assert main(args) == 2, args
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("tandem: error: ") and needle in last, (args, last)
 
 
 def test_data_synth_writes_the_framing_asked_for(tmp_path):

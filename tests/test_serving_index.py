@@ -92,6 +92,54 @@ def test_unfinished_index_of_other_shards_is_not_mixed_in(tiny_export, synth_dat
     assert summary["count"] == 128 and Index(out).count == 128 and not (out / "parts").exists()
 
 
+def test_cli_mistakes_are_one_line_and_leave_a_finished_index_as_it_was(tiny_export, test_shards, tiny_index,
+                                                                         tmp_path, capsys):
+    """A mistyped input to `tandem index --overwrite` is refused before anything is deleted; a wrong device,
+    unreadable or unfitting weights, and an output path that is a file are one line each."""
+    import shutil
+
+    from training.cli import main
+
+    out = tmp_path / "idx"
+    shutil.copytree(tiny_index, out)
+    before = sorted((p.name, p.stat().st_size) for p in out.iterdir())
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    data = ["--data", test_shards]
+    cases = [
+        (["--model", str(tmp_path / "exprot"), *data], "is not an export directory"),
+        (["--model", str(tiny_export), "--data", str(tmp_path / "nowhere")], "shard not found"),
+        (["--model", str(tiny_export), *data, "--device", "bogus"], "unknown device 'bogus'"),
+        (["--model", str(tiny_export), *data, "--device", "cuda:0"], "CUDA is not available"),
+        (["--model", "RN50", "--weights", str(junk), *data], "is not a readable safetensors file"),
+        (["--model", "RN50", "--weights", str(tiny_export / "open_clip_model.safetensors"), *data],
+         "do not fit model 'RN50'"),
+        (["--model", str(tiny_export), "--data", "/x/{0..99999999999}.tar"], "names more than 5,000,000 shards"),
+    ] + [(["--model", str(tiny_export), *data, "--out", str(target)], f"--out {target}")
+         for target in (a_file, a_file / "below")]
+    for args, needle in cases:
+        device = [] if "--device" in args else ["--device", "cpu"]
+        target = [] if "--out" in args else ["--out", str(out)]
+        assert main(["index", *args, *target, *device, "--overwrite"]) == 2, args
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("tandem: error: ") and needle in last, (args, last)
+        assert sorted((p.name, p.stat().st_size) for p in out.iterdir()) == before, args
+
+    # The server's start-up check: a manifest that is not one, and a bogus device
+    from serving.app import check_settings
+    from serving.settings import ServeSettings
+
+    (tmp_path / "bad").mkdir()
+    for text, needle in (("not json", "not a readable index manifest"), ("{}", "no count, dim, kind")):
+        (tmp_path / "bad" / "index.json").write_text(text)
+        with pytest.raises(UserError, match=needle):
+            check_settings(ServeSettings(model=str(tiny_export), index=str(tmp_path / "bad")))
+    with pytest.raises(UserError, match="unknown device 'bogus'"):
+        check_settings(ServeSettings(model=str(tiny_export), device="bogus"))
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_filtered_search_equals_brute_force_over_the_matching_items(kind, tiny_export, test_shards, tiny_index,
                                                                     tmp_path):

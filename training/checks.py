@@ -56,13 +56,20 @@ def check_view_sizes(cfg: Config, model_cfg: dict) -> None:
 
 def check_run_dir_writable(run_dir: Path) -> None:
     """``train.run_dir`` is a folder, or can be made one: not a file, under a writable folder."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"train.run_dir {run_dir} is a file, not a folder")
-    existing = run_dir
+    check_writable_dir(run_dir, "train.run_dir")
+
+
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """An output folder (``what`` names its flag or key) is a folder, or can be made one: not a file,
+    under a writable folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder")
+    existing = path.absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"train.run_dir {run_dir} cannot be written: {existing} is not a writable folder")
+        raise UserError(f"{what} {path} cannot be written: {existing} is not a writable folder")
 
 
 def check_export_dir(model_dir: str | Path) -> Path:
@@ -84,6 +91,9 @@ def check_run_dir(run_dir: str | Path, tag: str | None = None) -> tuple[Path, st
     tag = tag or latest_tag(checkpoint_dir)
     if not (checkpoint_dir / tag).is_dir():
         raise UserError(f"no checkpoint '{tag}' in {checkpoint_dir}")
+    if not any((checkpoint_dir / tag).glob("*model_states.pt")):
+        raise UserError(f"{checkpoint_dir / tag} holds no model states (*model_states.pt): not a checkpoint "
+                        "written by tandem train")
     return checkpoint_dir, tag
 
 

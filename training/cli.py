@@ -201,9 +201,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from training.checks import check_run_dir
+    from training.checks import check_run_dir, check_writable_dir
 
     check_run_dir(args.run, args.tag)  # before the heavy imports
+    if args.out:
+        check_writable_dir(args.out, "--out")
     from training.export import export_checkpoint
 
     out = export_checkpoint(Path(args.run), Path(args.out or Path(args.run) / "export"), args.tag)
@@ -215,7 +217,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "shards":
         return cmd_data_shards(args)
     from data.synth import write_dataset
+    from training.checks import check_writable_dir
 
+    check_writable_dir(args.out, "--out")
     start = time.time()
     try:
         summary = write_dataset(args.out, args.train_samples, args.test_samples, seed=args.seed,
@@ -259,6 +263,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from training.checks import check_writable_dir
+
+    check_writable_dir(args.out, "--out")
     from training.indexing import build_index
 
     summary = build_index(args.model, shard_pattern(args.data), Path(args.out), weights=args.weights,
@@ -269,8 +276,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from training.checks import check_writable_dir
     from training.demo import DEMO_NPROC, run_demo
     from training.launch import default_nproc, gpu_count
+
+    check_writable_dir(args.out, "--out")
 
     args.nproc = args.nproc or default_nproc(gpu_count(), DEMO_NPROC)
     framing = args.framing or ("scene" if args.method == "clip" else "object")

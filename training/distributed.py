@@ -566,7 +566,7 @@ def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor
     else:
         files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
         if not files:
-            raise FileNotFoundError(f"no model states in {ckpt}")
+            raise UserError(f"{ckpt} holds no model states (mp_rank_*_model_states.pt)")
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in state.items()}
 

@@ -176,12 +176,14 @@ def build_index(model: str, shards: str, out: Path, *, weights: str | None = Non
     out = Path(out)
     if (out / MANIFEST_FILE).is_file() and not overwrite:
         raise UserError(f"{out} already holds a finished index (use --overwrite to rebuild it)")
+    start = time.time()
+    # Every input is checked, and the model loaded, before --overwrite deletes anything: a mistyped
+    # --data, --model or --weights leaves the index that is there as it was.
+    urls = expand_shards(shards)
+    engine = load_engine(model, weights, device)
     if overwrite:  # a finished index, or the parts of an unfinished build (of any model and shards)
         for name in (MANIFEST_FILE, INDEX_FILE, META_FILE, OFFSETS_FILE, PARTS):
             shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-    urls = expand_shards(shards)
-    start = time.time()
-    engine = load_engine(model, weights, device)
     parts = out / PARTS
     parts.mkdir(parents=True, exist_ok=True)
     # The weights by content: an export re-written in place, or another --weights file for the same
