@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 from contextlib import asynccontextmanager
 from typing import Annotated, Callable
 
@@ -258,11 +259,29 @@ def check_settings(settings: ServeSettings) -> None:
             raise UserError(f"index {settings.index} holds {manifest['dim']}-d embeddings, the model's are {dim}-d")
 
 
+def check_listen(host: str, port: int) -> None:
+    """``host:port`` can be listened on now (uvicorn binds the same way, with SO_REUSEADDR)."""
+    from training.errors import UserError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as error:
+            raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+
+
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False) -> None:
     """Run the app under uvicorn in this process until interrupted."""
     import uvicorn
 
     check_settings(settings)
+    check_listen(host, port)  # before the model loads: a port in use is one line, not uvicorn's exit 3
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level="info",

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -517,6 +518,16 @@ def test_cli_errors_are_one_line(tiny_export, tmp_path, capsys):
     assert "safetensors" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_export), "--index", str(tmp_path)]) == 2
     assert "not a finished index" in capsys.readouterr().err
+    # a port in use and a host that does not resolve: one line, before the model loads (uvicorn's own
+    # failure was a multi-line log and exit 3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--model", str(tiny_export), "--port", port]) == 2
+        assert capsys.readouterr().err == f"tandem: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert main(["serve", "--model", str(tiny_export), "--host", "no-such-host.invalid"]) == 2
+    assert capsys.readouterr().err.startswith("tandem: error: cannot listen on no-such-host.invalid:8000: ")
 
 
 def test_serve_flags_are_finite_and_bounded(tiny_export, monkeypatch, capsys):
@@ -535,6 +546,6 @@ def test_serve_flags_are_finite_and_bounded(tiny_export, monkeypatch, capsys):
         assert error.startswith(f"tandem: error: {flag} ") and error.count("\n") == 1, error
     assert served == []
     assert main(["serve", "--model", str(tiny_export), "--nprobe", "64", "--ef-search", "200",
-                 "--max-wait-ms", "2.5"]) == 0
+                 "--max-wait-ms", "2.5", "--port", "0"]) == 0
     settings = served[0].state.tandem.settings
     assert (settings.nprobe, settings.ef_search, settings.max_wait_ms) == (64, 200, 2.5)
