@@ -6,12 +6,12 @@ A sample's label is the ``class`` field of its ``.json`` sidecar, one of the nam
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 from training.errors import UserError
 
 LABEL_KEY = "class"  # the sidecar field that names a sample's class
-_PROBE = "\x00class\x00"  # a class name no template contains, to check that each one places the name
 
 
 def load_classes(path: str | Path) -> tuple[list[str], list[str]]:
@@ -31,9 +31,12 @@ def load_classes(path: str | Path) -> tuple[list[str], list[str]]:
     if repeated:
         raise UserError(f"{path}: class names must be unique; repeated: {', '.join(map(repr, repeated[:5]))}")
     for template in templates:
-        try:
-            ok = template.count("{}") == 1 and _PROBE in template.format(_PROBE)
-        except (KeyError, IndexError, ValueError):
+        try:  # exactly one bare {} and no other field: a format spec such as {:>1000000000000} would run
+            # ``template.format`` out of memory
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                      if name is not None]
+            ok = fields == [("", "", None)]
+        except ValueError:
             ok = False
         if not ok:
             raise UserError(f"{path}: template {template!r} must hold exactly one '{{}}' for the class name "

@@ -59,6 +59,9 @@ def test_an_export_evaluates_retrieval_without_a_classes_file(tiny_export, synth
     ({"classes": ["cat"], "templates": ["a {} on a {background}."]}, "template 'a {} on a {background}.'"),
     ({"classes": ["cat"], "templates": ["a photo of a {{}}."]}, "must hold exactly one '{}'"),
     ({"classes": ["cat"], "templates": ["a photo."]}, "must hold exactly one '{}'"),
+    ({"classes": ["cat"], "templates": ["{{}}{:>1000000000000}"]}, "must hold exactly one '{}'"),  # not a MemoryError
+    ({"classes": ["cat"], "templates": ["a {!r}."]}, "must hold exactly one '{}'"),
+    ({"classes": ["cat"], "templates": ["a {0}."]}, "must hold exactly one '{}'"),
     ({"classes": ["cat"]}, "must be JSON with 'classes' and 'templates'"),
 ])
 def test_a_bad_classes_file_is_one_line(tmp_path, raw, needle):
