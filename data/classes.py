@@ -14,6 +14,16 @@ from training.errors import UserError
 LABEL_KEY = "class"  # the sidecar field that names a sample's class
 
 
+def is_template(text: str) -> bool:
+    """Exactly one bare ``{}`` and no other replacement field, so ``text.format(name)`` places the name
+    and cannot fail (a format spec such as ``{:>1000000000000}`` would run it out of memory)."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+    except ValueError:  # a lone brace
+        return False
+    return fields == [("", "", None)]
+
+
 def load_classes(path: str | Path) -> tuple[list[str], list[str]]:
     """``classes.json`` -> (class names, prompt templates with one ``{}`` each)."""
     path = Path(path)
@@ -31,14 +41,7 @@ def load_classes(path: str | Path) -> tuple[list[str], list[str]]:
     if repeated:
         raise UserError(f"{path}: class names must be unique; repeated: {', '.join(map(repr, repeated[:5]))}")
     for template in templates:
-        try:  # exactly one bare {} and no other field: a format spec such as {:>1000000000000} would run
-            # ``template.format`` out of memory
-            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
-                      if name is not None]
-            ok = fields == [("", "", None)]
-        except ValueError:
-            ok = False
-        if not ok:
+        if not is_template(template):
             raise UserError(f"{path}: template {template!r} must hold exactly one '{{}}' for the class name "
                             "and no other braces (write a literal brace as '{{' or '}}')")
     return classes, templates

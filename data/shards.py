@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +32,13 @@ def expand_shards(spec: str) -> list[str]:
     """
     urls: list[str] = []
     for part in split_sources(spec):
-        # braceexpand materialises each {a..b} range before its lazy product: refuse a huge one first.
-        for start, end, step in _INT_RANGE.findall(part):
-            if abs(int(end) - int(start)) // max(abs(int(step or 1)), 1) + 1 > MAX_SHARDS:
-                raise UserError(f"shard pattern '{part}': the range {{{start}..{end}}} names more than "
-                                f"{MAX_SHARDS:,} shards; check its bounds")
+        # braceexpand materialises ranges, and products nested in a brace list, before its outer lazy
+        # product: refuse a pattern whose ranges multiply past the limit before expanding it (an upper
+        # bound: ranges that are alternatives add rather than multiply).
+        bound = math.prod(abs(int(end) - int(start)) // max(abs(int(step or 1)), 1) + 1
+                          for start, end, step in _INT_RANGE.findall(part))
+        if bound > MAX_SHARDS:
+            raise UserError(f"shard pattern '{part}' names more than {MAX_SHARDS:,} shards; check its ranges")
         try:
             urls.extend(itertools.islice(braceexpand(part), MAX_SHARDS + 1 - len(urls)))
         except ValueError as error:

@@ -9,6 +9,7 @@ are 503 once loading has failed or the model thread has stopped: the pod is rest
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations at runtime, and
 # they name types local to create_app.
 import asyncio
+import errno
 import hmac
 import json
 import logging
@@ -260,20 +261,35 @@ def check_settings(settings: ServeSettings) -> None:
 
 
 def check_listen(host: str, port: int) -> None:
-    """``host:port`` can be listened on now (uvicorn binds the same way, with SO_REUSEADDR)."""
+    """``host:port`` can be listened on now, bound as asyncio's ``create_server`` (under uvicorn) binds
+    it: every address the host resolves to ("" is all interfaces), IPv6 sockets IPv6-only, SO_REUSEADDR,
+    and address families this machine lacks skipped."""
     from training.errors import UserError
 
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = set(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
     except socket.gaierror as error:
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as error:
-            raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    opened = []
+    try:
+        for family, kind, proto, _, address in infos:
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family or protocol this machine does not have
+                continue
+            opened.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRNOTAVAIL:  # the family is not enabled here (asyncio skips it too)
+                    continue
+                raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    finally:
+        for sock in opened:
+            sock.close()
 
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False) -> None:

@@ -21,6 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from data.modes import to_8bit
 from serving.errors import BadInput, TooLarge
 
+SCALED_CROPS = 16  # under a low --max-pixels, an image scaled for the model may still be this many crops
+
 
 def b64decode(text: str, what: str) -> bytes:
     """Standard base64, optionally as a ``data:image/...;base64,`` URL."""
@@ -48,11 +50,13 @@ def decode_image(data: bytes, size: int, max_pixels: int, what: str = "image") -
             raise TooLarge(f"{what} is {width}x{height} pixels, over the cap of {max_pixels}")
         # The eval transform scales the short side to the model's input side before its centre crop,
         # so a thin image (1 x 100,000 is a few hundred bytes) would grow to size x (size * 100,000).
+        # Scaled, it may hold the cap's pixels, or 16 crops' worth under a cap lower than that.
         short, long = sorted((width, height))
         resized = size * math.ceil(size * long / max(short, 1))
-        if resized > max_pixels:
+        scaled_cap = max(max_pixels, SCALED_CROPS * size * size)
+        if resized > scaled_cap:
             raise TooLarge(f"{what} is {width}x{height} pixels: scaled to {size} px on its short side for the "
-                           f"model it would be {resized} pixels, over the cap of {max_pixels}")
+                           f"model it would be {resized} pixels, over the cap of {scaled_cap}")
         if image.format == "JPEG":
             image.draft("RGB", (size, size))
         image.load()

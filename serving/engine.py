@@ -153,9 +153,11 @@ def load_engine(model: str, weights: str | None = None, device: str = "auto") ->
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=target,
                                                                    pretrained_text=False)
-    except torch.OutOfMemoryError:
-        raise
-    except (AssertionError, KeyError, RuntimeError, ValueError) as error:  # open_clip's state-dict checks
+    except (AssertionError, KeyError, RuntimeError) as error:
+        # open_clip's checks of a state dict against the model: an assert (position embeddings), a
+        # missing key, or load_state_dict's mismatch. Any other error (CUDA's included) is not the weights'.
+        if isinstance(error, RuntimeError) and "state_dict" not in str(error):
+            raise
         source = weights or f"{model}/{WEIGHTS_FILE}"
         detail = " ".join(str(error).split())[:300]
         raise UserError(f"the weights {source} do not fit model '{model}': {detail}") from None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import string
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from data.classes import is_template
 
 MAX_IMAGES = 64  # per request
 MAX_TEXTS = 256
@@ -20,11 +21,7 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 def _template(text: str) -> str:
     """Exactly one ``{}`` and no other replacement field, so ``text.format(label)`` cannot fail."""
-    try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
-    except ValueError as error:
-        raise ValueError(f"template {text!r} is not a format string ({error})") from None
-    if fields != [("", "", None)]:
+    if not is_template(text):
         raise ValueError(f"template {text!r} needs exactly one '{{}}' (use '{{{{' for a literal brace)")
     return text
 

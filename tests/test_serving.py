@@ -151,6 +151,23 @@ def test_decode_matches_the_training_pipeline(samples):
             assert abs(np.asarray(a).mean() - 127.5) < 2, (fmt, np.asarray(a).mean())  # a ramp, not white
 
 
+def test_the_scaled_pixel_cap_refuses_thin_strips_but_not_small_images():
+    from serving.decode import decode_image
+    from serving.errors import TooLarge
+
+    def png(width: int, height: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("L", (width, height)).save(out, format="PNG")
+        return out.getvalue()
+
+    # under a cap below one 224 px crop, a small image (scaled up to 224 x 224) and a 16:1 one still decode
+    assert decode_image(png(100, 100), 224, 40_000).size == (100, 100)
+    assert decode_image(png(10, 160), 224, 40_000).size == (10, 160)
+    for width, height, cap in ((10, 170, 40_000), (1, 1000, 50_000_000 // 1000), (1, 100_000, 50_000_000)):
+        with pytest.raises(TooLarge, match="on its short side for the model"):
+            decode_image(png(width, height), 224, cap)
+
+
 def test_embed_texts_and_images_are_normalised_and_match_the_model(api, engine, samples):
     body = {"texts": ["a red circle", "a blue star"], "images": [b64(samples[0]["jpg"])]}
     result = api.post("/v1/embed", json=body).json()
@@ -528,6 +545,10 @@ def test_cli_errors_are_one_line(tiny_export, tmp_path, capsys):
         assert capsys.readouterr().err == f"tandem: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     assert main(["serve", "--model", str(tiny_export), "--host", "no-such-host.invalid"]) == 2
     assert capsys.readouterr().err.startswith("tandem: error: cannot listen on no-such-host.invalid:8000: ")
+    from serving.app import check_listen
+
+    for host in ("", "localhost", "0.0.0.0"):  # all interfaces, each address of a name: free ports pass
+        check_listen(host, 0)
 
 
 def test_serve_flags_are_finite_and_bounded(tiny_export, monkeypatch, capsys):

@@ -5,6 +5,7 @@ import json
 import faiss
 import numpy as np
 import pytest
+import torch
 
 from serving.engine import load_engine
 from serving.index import Index
@@ -112,11 +113,13 @@ def test_cli_mistakes_are_one_line_and_leave_a_finished_index_as_it_was(tiny_exp
         (["--model", str(tmp_path / "exprot"), *data], "is not an export directory"),
         (["--model", str(tiny_export), "--data", str(tmp_path / "nowhere")], "shard not found"),
         (["--model", str(tiny_export), *data, "--device", "bogus"], "unknown device 'bogus'"),
-        (["--model", str(tiny_export), *data, "--device", "cuda:0"], "CUDA is not available"),
+        (["--model", str(tiny_export), *data, "--device", "cuda:99"],
+         "GPU(s)" if torch.cuda.is_available() else "CUDA is not available"),
         (["--model", "RN50", "--weights", str(junk), *data], "is not a readable safetensors file"),
         (["--model", "RN50", "--weights", str(tiny_export / "open_clip_model.safetensors"), *data],
          "do not fit model 'RN50'"),
         (["--model", str(tiny_export), "--data", "/x/{0..99999999999}.tar"], "names more than 5,000,000 shards"),
+        (["--model", str(tiny_export), "--data", "/x/{{0..2999}{0..2999},y}.tar"], "names more than 5,000,000"),
     ] + [(["--model", str(tiny_export), *data, "--out", str(target)], f"--out {target}")
          for target in (a_file, a_file / "below")]
     for args, needle in cases:
