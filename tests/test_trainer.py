@@ -280,6 +280,28 @@ def zero_state(folder: Path) -> dict[tuple[int, str], torch.Tensor]:
     return state
 
 
+def universal_state(folder: Path, out: Path) -> dict[tuple[str, str], torch.Tensor]:
+    """Per parameter, the fp32 weights, Adam moments and step of a ZeRO checkpoint folder at any world
+    size, each whole: DeepSpeed's universal-checkpoint converter joins the processes' parts."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    settings = argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        to_universal(settings)
+    state = {}
+    for param in sorted(p for p in (out / "zero").iterdir() if p.is_dir()):
+        for file in param.glob("*.pt"):
+            value = torch.load(file, map_location="cpu", weights_only=False)
+            value = value["param"] if isinstance(value, dict) else value
+            state[param.name, file.stem] = value if torch.is_tensor(value) else torch.tensor(value)
+    return state
+
+
 def checkpoint_folders(run_dir: Path) -> list[str]:
     """Every folder in the checkpoint directory, hidden ones (a save's or a resize's staging) included."""
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
@@ -348,7 +370,8 @@ def test_resume_with_another_number_of_processes_repartitions_the_zero_state(tmp
 def test_zero3_resume_with_another_number_of_processes(tmp_path, synth_data, shards_with_damage):
     """ZeRO 3 partitions each parameter; a resume with another number of processes goes through
     DeepSpeed's universal checkpoint and restores the same fp32 weights (read back by DeepSpeed's own
-    consolidation) and BatchNorm statistics, and leaves no staging folder behind."""
+    consolidation), Adam moments of every parameter and BatchNorm statistics, and leaves no staging
+    folder behind."""
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "c.toml", shards_with_damage, synth_data, run_dir, stop_at=1, zero_stage=3,
                        checkpoint_every=1)
@@ -356,6 +379,7 @@ def test_zero3_resume_with_another_number_of_processes(tmp_path, synth_data, sha
     assert first.returncode == 0, first.stderr[-3000:]
     folder = run_dir / "checkpoints" / "step00000001"
     weights = consolidated_state_dict(run_dir / "checkpoints", "step00000001")
+    optimizer = universal_state(folder, tmp_path / "universal-before")
     buffers = torch.load(folder / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)["module"]
     buffers = {k: v for k, v in buffers.items() if "running_" in k}
     assert len(buffers) > 10 and len(weights) > 50
@@ -373,6 +397,12 @@ def test_zero3_resume_with_another_number_of_processes(tmp_path, synth_data, sha
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
     again = consolidated_state_dict(run_dir / "checkpoints", "step00000001")
     assert again.keys() == weights.keys() and [k for k in weights if not torch.equal(again[k], weights[k])] == []
+    # the Adam moments and step of every parameter, re-partitioned for 2 processes, are the ones saved by 1
+    resized = universal_state(folder, tmp_path / "universal-after")
+    assert resized.keys() == optimizer.keys() and len({name for name, _ in optimizer}) > 50
+    assert {kind for _, kind in optimizer} == {"fp32", "exp_avg", "exp_avg_sq"}
+    assert [k for k in optimizer if not torch.equal(resized[k], optimizer[k])] == []
+    assert any(v.abs().sum() > 0 for (_, kind), v in optimizer.items() if kind == "exp_avg")  # a step was taken
     for rank in (0, 1):
         saved = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False)["module"]
         assert [k for k in buffers if not torch.equal(saved[k], buffers[k])] == []
