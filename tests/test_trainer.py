@@ -87,7 +87,11 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path, synth_data, shar
 
     records = metrics(full_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert {"loss", "temperature", "lr", "samples_per_s", "data_wait_s", "skipped_samples"} <= set(records[0])
+    assert {"loss", "temperature", "logit_scale", "lr", "samples_per_s", "data_wait_s", "skipped_samples"} <= set(
+        records[0])
+    # temperature is T as loss.init_temperature sets it (0.07 at the start), logit_scale its inverse
+    assert 0.05 < records[0]["temperature"] < 0.09 and records[0]["temperature"] * records[0]["logit_scale"] == (
+        pytest.approx(1.0))
     assert records[-1]["skipped_samples"] > 0  # the damaged shards were skipped and counted, not fatal
     assert (full_dir / "config.toml").is_file() and (full_dir / "export" / "open_clip_model.safetensors").is_file()
     final_eval = json.loads((full_dir / "eval.jsonl").read_text().splitlines()[-1])
@@ -143,7 +147,9 @@ export = false
 
 
 def test_standard_environment_variables_alone(tmp_path, synth_data):
-    """How Kubernetes starts it: no launcher, just RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT."""
+    """How Kubernetes starts it: no launcher, just RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, and
+    --resume latest. Here the pod is a restart of one killed before its first checkpoint: the steps that
+    attempt logged are trained again, and each is logged once."""
     import os
     import subprocess
     import sys
@@ -152,9 +158,12 @@ def test_standard_environment_variables_alone(tmp_path, synth_data):
 
     run_dir = tmp_path / "env-run"
     cfg = _short_config(tmp_path, synth_data, run_dir)
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 99.0}) + "\n" for s in (1, 2, 3)))
     port = str(free_port())
     procs = [
-        subprocess.Popen([sys.executable, "-m", "training.cli", "train", "--config", str(cfg)], cwd=ROOT,
+        subprocess.Popen([sys.executable, "-m", "training.cli", "train", "--config", str(cfg), "--resume", "latest"],
+                         cwd=ROOT,
                          env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -162,7 +171,8 @@ def test_standard_environment_variables_alone(tmp_path, synth_data):
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][1][-3000:] + outputs[1][1][-3000:]
-    assert len(metrics(run_dir)) == 2
+    assert "no checkpoint in" in outputs[0][1] and "starting from scratch" in outputs[0][1]
+    assert [(r["step"], r["loss"] == 99.0) for r in metrics(run_dir)] == [(1, False), (2, False)]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000002"
 
 

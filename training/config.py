@@ -32,7 +32,8 @@ class DataConfig:
     classes: str = ""
     """``classes.json`` with ``classes`` and ``templates`` for zero-shot evaluation."""
     batch_size: int = 128
-    """Micro-batch per rank; the global batch (and the negatives per step) is ``batch_size * world``."""
+    """Micro-batch per rank; the global batch (and the negatives per step) is
+    ``batch_size * world * train.accum_steps``."""
     eval_batch_size: int = 256
     """Batch per rank during evaluation."""
     workers: int = 1

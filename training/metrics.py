@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 GAUGES = {
     "loss": "Contrastive loss of the last step, averaged over ranks.",
-    "temperature": "Learned softmax scale exp(logit_scale) (the inverse temperature).",
+    "temperature": "Softmax temperature T: CLIP's learned 1 / exp(logit_scale), an image-only method's fixed one.",
+    "logit_scale": "CLIP's learned softmax scale exp(logit_scale) = 1 / temperature.",
     "lr": "Learning rate of the last step.",
     "samples_per_s": "Global training throughput since the previous log line, checkpoints and evaluations excluded.",
     "data_wait_s": "Seconds the last step waited for its batch, averaged over ranks.",

@@ -345,7 +345,8 @@ class Trainer:
 
     def _model_metrics(self) -> dict[str, float]:
         """The recorded figures that depend on the model (subclasses add their own)."""
-        return {"temperature": float(self.engine.module.logit_scale.detach().float().exp().reshape(-1)[0])}
+        scale = float(self.engine.module.logit_scale.detach().float().exp().reshape(-1)[0])
+        return {"logit_scale": scale, "temperature": 1.0 / scale}  # temperature as loss.init_temperature means it
 
     def _checkpoint_state(self) -> dict[str, Any]:
         """What a checkpoint carries beyond the engine's weights, optimizer and schedule, the step
@@ -418,8 +419,12 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, float]:
         trainer = Trainer(cfg)
     trainer.build()
     if resume == "latest" and not (trainer.ckpt_dir / "latest").is_file():
-        # A restarted pod asks for `latest` before any checkpoint exists: that is a fresh start.
+        # A restarted pod asks for `latest` before any checkpoint exists: that is a fresh start of the
+        # same run, so the steps its earlier attempt logged are trained, and logged, again.
         log.info("no checkpoint in %s yet: starting from scratch", trainer.ckpt_dir)
+        if distributed.is_main():
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                drop_records_after(trainer.run_dir / name, 0)
     elif resume:
         trainer.resume(None if resume == "latest" else resume)
     return trainer.fit()
