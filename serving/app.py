@@ -18,14 +18,16 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Callable
 
 import torch
-from fastapi import Depends, FastAPI, File, Form, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from serving import schemas
+from serving.batcher import ModelStopped
 from serving.engine import Engine, load_engine
 from serving.errors import BadInput, NotReady, TooLarge, Unauthorized, install_handlers
 from serving.index import Index
@@ -125,7 +127,17 @@ def create_app(settings: ServeSettings, *, loader: Loader | None = None,
     def service() -> Service:
         if state.service is None:
             raise NotReady(f"model failed to load: {state.error}" if state.error else "model is still loading")
+        if state.service.batcher.failure:  # every later request, a search by embedding (no model) too
+            raise ModelStopped(state.service.batcher.failure)
         return state.service
+
+    async def only_fields(request: Request, *allowed: str) -> None:
+        """A multipart route's form holds only its declared fields: FastAPI drops others unseen, and a
+        misspelt ``topk`` would silently not apply (unknown JSON fields are 422 by the schemas)."""
+        extra = sorted(set((await request.form()).keys()) - set(allowed))
+        if extra:
+            raise RequestValidationError([{"loc": ("body", name), "msg": "Extra inputs are not permitted"}
+                                          for name in extra])
 
     Svc = Annotated[Service, Depends(service)]
     v1 = dict(dependencies=[Depends(authorized)], responses=ERRORS)
@@ -159,9 +171,10 @@ def create_app(settings: ServeSettings, *, loader: Loader | None = None,
         return _json(await svc.embed("/v1/embed", body.texts, body.images))
 
     @app.post("/v1/embed/upload", response_model=schemas.EmbedResponse, **v1)
-    async def embed_upload(svc: Svc, images: Annotated[list[UploadFile] | None, File()] = None,
+    async def embed_upload(request: Request, svc: Svc, images: Annotated[list[UploadFile] | None, File()] = None,
                            texts: Annotated[list[str] | None, Form()] = None):
         """Like /v1/embed, with images as multipart files and texts as form fields."""
+        await only_fields(request, "images", "texts")
         images = images or []
         body = _validate(schemas.EmbedRequest, texts=texts or [], images=["-"] * len(images))
         return _json(await svc.embed("/v1/embed/upload", body.texts, await _read(images, settings)))
@@ -172,11 +185,12 @@ def create_app(settings: ServeSettings, *, loader: Loader | None = None,
         return _json(await svc.classify("/v1/classify", body, body.images))
 
     @app.post("/v1/classify/upload", response_model=schemas.ClassifyResponse, **v1)
-    async def classify_upload(svc: Svc, images: Annotated[list[UploadFile], File()],
+    async def classify_upload(request: Request, svc: Svc, images: Annotated[list[UploadFile], File()],
                               labels: Annotated[list[str], Form()],
                               templates: Annotated[list[str] | None, Form()] = None,
                               top_k: Annotated[int | None, Form()] = None):
         """Like /v1/classify, with images as multipart files and labels/templates as form fields."""
+        await only_fields(request, "images", "labels", "templates", "top_k")
         options = {"labels": labels, "top_k": top_k, **({"templates": templates} if templates else {})}
         body = _validate(schemas.ClassifyRequest, images=["-"] * len(images), **options)
         return _json(await svc.classify("/v1/classify/upload", body, await _read(images, settings)))
@@ -188,9 +202,11 @@ def create_app(settings: ServeSettings, *, loader: Loader | None = None,
                                       embedding=body.embedding))
 
     @app.post("/v1/search/upload", response_model=schemas.SearchResponse, **v1)
-    async def search_upload(svc: Svc, image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 10,
+    async def search_upload(request: Request, svc: Svc, image: Annotated[UploadFile, File()],
+                            k: Annotated[int, Form()] = 10,
                             filter: Annotated[str | None, Form(description="JSON object, as in /v1/search")] = None):
         """Like /v1/search with an image query uploaded as a multipart file."""
+        await only_fields(request, "image", "k", "filter")
         try:
             where = json.loads(filter) if filter else None
         except json.JSONDecodeError as error:
@@ -297,6 +313,9 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, ac
     import uvicorn
 
     check_settings(settings)
+    # --max-pixels is checked on each image's header before decoding; PIL's own guard (about 89M pixels
+    # warns, twice that raises at open) would otherwise override a higher cap.
+    Image.MAX_IMAGE_PIXELS = None
     check_listen(host, port)  # before the model loads: a port in use is one line, not uvicorn's exit 3
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)

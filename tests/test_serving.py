@@ -264,6 +264,14 @@ def test_malformed_bodies_and_oversized_bodies(api, tiny_export, engine):
                     data={"labels": LABELS}).status_code == 400
     assert api.post("/v1/search/upload", files=[("image", ("a.jpg", image_bytes(), "image/jpeg"))],
                     data={"filter": "{oops"}).status_code == 422
+    # a misspelt form field is refused, as an unknown JSON field is (FastAPI would drop it unseen)
+    one = [("images", ("a.jpg", image_bytes(), "image/jpeg"))]
+    for path, files, data in (("/v1/classify/upload", one, {"labels": LABELS, "topk": "1"}),
+                              ("/v1/embed/upload", one, {"text": "a"}),
+                              ("/v1/search/upload", [("image", ("a.jpg", image_bytes(), "image/jpeg"))],
+                               {"top_k": "3"})):
+        response = api.post(path, files=files, data=data)
+        assert response.status_code == 422 and "Extra inputs" in response.json()["error"]["message"], response.text
     # what json.loads raises besides a syntax error: 400, as /v1/search answers the same filter
     for unparsable in ('{"a": ' + "9" * 5000 + "}", "[" * 100_000, '{"a":' * 3000):
         upload = api.post("/v1/search/upload", files=[("image", ("a.jpg", image_bytes(), "image/jpeg"))],
@@ -445,8 +453,10 @@ def test_batcher_waits_as_long_as_told_and_reports_a_stopped_thread():
         doomed.close()
 
 
-def test_a_stopped_model_thread_fails_requests_and_probes(tiny_export, engine):
-    with serve_in_process(tiny_export, engine) as client:
+def test_a_stopped_model_thread_fails_requests_and_probes(tiny_export, engine, tiny_index):
+    with serve_in_process(tiny_export, engine, tiny_index) as client:
+        dim = engine.embed_dim
+        assert client.post("/v1/search", json={"embedding": [0.5] * dim}).status_code == 200
         client.app.state.tandem.service.batcher._on_depth = _fails_once()
         pool = ThreadPoolExecutor(1)  # a bounded wait: before the fix the request hung forever
         try:
@@ -455,6 +465,9 @@ def test_a_stopped_model_thread_fails_requests_and_probes(tiny_export, engine):
             pool.shutdown(wait=False)
         assert response.status_code == 503 and response.json()["error"]["code"] == "model_stopped"
         assert client.post("/v1/embed", json={"texts": ["a"]}).status_code == 503
+        # every later request, also one that needs no forward pass (a search by embedding)
+        later = client.post("/v1/search", json={"embedding": [0.5] * dim})
+        assert later.status_code == 503 and later.json()["error"]["code"] == "model_stopped", later.text
         for probe in ("/healthz", "/readyz"):
             answer = client.get(probe)
             assert answer.status_code == 503 and "OverflowError" in answer.json()["detail"]
