@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Callable
 
 import torch
@@ -28,17 +29,19 @@ from pydantic import ValidationError
 
 from serving import schemas
 from serving.batcher import ModelStopped
-from serving.engine import Engine, load_engine
+from serving.engine import Engine, export_complete, load_engine
 from serving.errors import BadInput, NotReady, TooLarge, Unauthorized, install_handlers
 from serving.index import Index
 from serving.metrics import ServingMetrics
 from serving.middleware import BodyLimitMiddleware, MetricsMiddleware
 from serving.service import Service
 from serving.settings import MAX_BODY_MB, ServeSettings
+from training.errors import UserError
 
 log = logging.getLogger(__name__)
 
 Loader = Callable[[], tuple[Engine, Index | None]]
+WAIT_POLL_S = 5.0  # how often --wait-for-model looks for the export
 ERRORS = {code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 422, 503)}
 
 
@@ -48,6 +51,8 @@ def load_model_and_index(settings: ServeSettings) -> tuple[Engine, Index | None]
         torch.set_num_threads(settings.threads)
     engine = load_engine(settings.model, settings.weights, settings.device)
     index = Index(settings.index, nprobe=settings.nprobe, ef_search=settings.ef_search) if settings.index else None
+    if index is not None and index.dim != engine.embed_dim:  # checked at start-up unless the model came later
+        raise UserError(f"index {settings.index} holds {index.dim}-d embeddings, the model's are {engine.embed_dim}-d")
     log.info("loaded %s (dim %d, image %dpx, %s)%s", settings.model, engine.embed_dim, engine.image_size,
              engine.device, f" and index {settings.index} ({index.count} items, mmap={index.mmapped})"
              if index else "")
@@ -60,6 +65,7 @@ class AppState:
         self.service: Service | None = None
         self.loaded: tuple[Engine, Index | None] | None = None
         self.error: str | None = None
+        self.waiting: str | None = None  # the export directory --wait-for-model waits for
         # read at each scrape, so the gauge always says what /readyz says
         metrics.ready.set_function(lambda: float(self.service is not None and self.failure() is None))
 
@@ -75,6 +81,12 @@ class AppState:
 
     async def load(self, loader: Loader) -> None:
         try:
+            if self.settings.wait_for_model and not export_complete(self.settings.model):
+                self.waiting = self.settings.model
+                log.info("waiting for the export at %s (--wait-for-model)", self.waiting)
+                while not export_complete(self.settings.model):
+                    await asyncio.sleep(WAIT_POLL_S)  # cancelled with the lifespan on shutdown
+                self.waiting = None
             self.start(*await asyncio.to_thread(loader))
         except Exception as error:  # noqa: BLE001 - reported by /readyz and /healthz, and logged
             log.exception("loading failed")
@@ -156,6 +168,8 @@ def create_app(settings: ServeSettings, *, loader: Loader | None = None,
         """Readiness: 200 once the model (and index) are loaded, 503 before and after a failure."""
         if failure := state.failure():
             return JSONResponse({"status": "failed", "detail": failure}, 503)
+        if state.waiting:
+            return JSONResponse({"status": "waiting", "detail": f"for the export at {state.waiting}"}, 503)
         if state.service is None:
             return JSONResponse({"status": "loading"}, 503)
         return {"status": "ready"}
@@ -248,10 +262,8 @@ async def _read(files: list[UploadFile], settings: ServeSettings) -> list[bytes]
 def check_settings(settings: ServeSettings) -> None:
     """Refuse an out-of-range flag or a wrong ``--model``/``--weights``/``--index`` with one line, before the
     server starts."""
-    from serving.engine import check_model, model_embed_dim, resolve_device
+    from serving.engine import check_model, export_complete, model_embed_dim, resolve_device
     from serving.index import read_manifest
-    from training.errors import UserError
-
     # Bounds far beyond any sensible value, so that a typo (or inf, or NaN: no comparison holds for it)
     # is a one-line error here rather than an overflow inside the server
     limits = [("--max-batch-size", settings.max_batch_size, 1, 65536),
@@ -267,11 +279,18 @@ def check_settings(settings: ServeSettings) -> None:
             raise UserError(f"{flag} must be from {low} to {high}, got {value}")
     if not 1 <= settings.max_body_bytes <= MAX_BODY_MB * 2**20:
         raise UserError(f"--max-body-mb must be > 0 and at most {MAX_BODY_MB}")
-    name, _ = check_model(settings.model, settings.weights)
     resolve_device(settings.device)
+    if settings.wait_for_model and settings.weights:
+        raise UserError("--wait-for-model waits for an export directory; a model name with --weights is there already")
+    # With --wait-for-model an export that is not there yet is checked (and the index's dimension
+    # against it) when it appears.
+    later = settings.wait_for_model and not export_complete(settings.model)
+    if later and Path(settings.model).exists() and not Path(settings.model).is_dir():
+        raise UserError(f"--model {settings.model} is a file; --wait-for-model waits for an export directory")
+    name = None if later else check_model(settings.model, settings.weights)[0]
     if settings.index:
         manifest = read_manifest(settings.index)
-        dim = model_embed_dim(name)
+        dim = model_embed_dim(name) if name else None
         if dim is not None and int(manifest["dim"]) != dim:
             raise UserError(f"index {settings.index} holds {manifest['dim']}-d embeddings, the model's are {dim}-d")
 
@@ -280,8 +299,6 @@ def check_listen(host: str, port: int) -> None:
     """``host:port`` can be listened on now, bound as asyncio's ``create_server`` (under uvicorn) binds
     it: every address the host resolves to ("" is all interfaces), IPv6 sockets IPv6-only, SO_REUSEADDR,
     and address families this machine lacks skipped."""
-    from training.errors import UserError
-
     try:
         infos = set(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
     except socket.gaierror as error:

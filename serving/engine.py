@@ -102,6 +102,12 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def export_complete(model: str) -> bool:
+    """Whether ``model`` is an export directory ``tandem export`` has finished (it writes the config last)."""
+    path = Path(model)
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
 def check_model(model: str, weights: str | None) -> tuple[str, str | None]:
     """Validate ``--model``/``--weights`` without loading anything: (open_clip name, weights file)."""
     path = Path(model)

@@ -30,6 +30,9 @@ class ServeSettings:
     """``.safetensors`` weights for a model name or config (pickle files are refused)."""
     index: str | None = None
     """Index directory written by ``tandem index`` (``/v1/search`` needs one)."""
+    wait_for_model: bool = False
+    """Start before the export directory ``model`` is complete and load it once it is (a Deployment
+    applied with its training job); meanwhile ``/readyz`` answers 503 "waiting"."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     max_batch_size: int = 32

@@ -314,6 +314,7 @@ def test_serving(rendered):
         # The model is the training run's export, read from the run volume.
         run_dir = tomllib.loads(one(docs, "ConfigMap")["data"]["train.toml"])["train"]["run_dir"]
         assert container["args"][container["args"].index("--model") + 1] == f"{run_dir}/export", overlay
+        assert "--wait-for-model" in container["args"], overlay  # ready once training has exported, not crash-looping
 
 
 def test_training_metrics_are_scraped(rendered):

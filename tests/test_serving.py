@@ -564,6 +564,51 @@ def test_cli_errors_are_one_line(tiny_export, tmp_path, capsys):
         check_listen(host, 0)
 
 
+def test_wait_for_model_serves_an_export_written_after_start(tiny_export, tmp_path, monkeypatch, capsys):
+    """A Deployment applied with its training job: the export is not there at start. Without the flag
+    that is one line; with it the server is live, not ready ("waiting"), and loads the export once it
+    appears (here moved into place whole, as `tandem export` renames each file)."""
+    import shutil
+
+    import uvicorn
+
+    from serving import app as app_module
+    from serving.app import check_settings
+    from training.cli import main
+    from training.errors import UserError
+
+    export = tmp_path / "run" / "export"
+    with pytest.raises(UserError, match="is not an export directory"):
+        check_settings(ServeSettings(model=str(export)))
+    check_settings(ServeSettings(model=str(export), wait_for_model=True))
+    with pytest.raises(UserError, match="--wait-for-model waits for an export directory"):
+        check_settings(ServeSettings(model="ViT-B-32", weights="w.safetensors", wait_for_model=True))
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    assert main(["serve", "--model", str(export), "--wait-for-model", "--port", "0"]) == 0
+    assert served[0].state.tandem.settings.wait_for_model is True
+    capsys.readouterr()
+
+    monkeypatch.setattr(app_module, "WAIT_POLL_S", 0.05)
+    settings = ServeSettings(model=str(export), device="cpu", wait_for_model=True)
+    with TestClient(create_app(settings)) as client:
+        time.sleep(0.3)
+        assert client.get("/healthz").status_code == 200
+        waiting = client.get("/readyz")
+        assert waiting.status_code == 503 and waiting.json() == {"status": "waiting",
+                                                                  "detail": f"for the export at {export}"}
+        assert client.post("/v1/embed", json={"texts": ["a"]}).status_code == 503
+        shutil.copytree(tiny_export, tmp_path / "staging" / "export")
+        (tmp_path / "staging").rename(export.parent)  # the run folder, export inside, appears at once
+        deadline = time.time() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.time() < deadline and client.app.state.tandem.error is None, client.get("/readyz").text
+            time.sleep(0.1)
+        embedded = client.post("/v1/embed", json={"texts": ["a red circle"]})
+        assert embedded.status_code == 200 and len(embedded.json()["text_embeddings"]) == 1
+
+
 def test_serve_flags_are_finite_and_bounded(tiny_export, monkeypatch, capsys):
     import uvicorn
 

@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="export directory, or an open_clip model name / config .json with --weights")
     serve.add_argument("--weights", help=".safetensors weights for a model name or config (pickle is refused)")
     serve.add_argument("--index", help="index directory written by `tandem index` (for /v1/search)")
+    serve.add_argument("--wait-for-model", action="store_true",
+                       help="start before the export at --model is written and load it once it is (/readyz: 503 "
+                            "waiting); for a Deployment applied with its training job")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_int_in(0, 65535), default=8000)
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
@@ -253,7 +256,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.app import serve
     from serving.settings import ServeSettings, body_bytes
 
-    settings = ServeSettings(model=args.model, weights=args.weights, index=args.index, device=args.device,
+    settings = ServeSettings(model=args.model, weights=args.weights, index=args.index,
+                             wait_for_model=args.wait_for_model, device=args.device,
                              max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              workers=args.workers, threads=args.threads, max_pixels=args.max_pixels,
                              max_body_bytes=body_bytes(args.max_body_mb), label_cache=args.label_cache,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from data.files import atomic_write
 from training import distributed
 from training.checks import check_run_dir
 from training.errors import UserError
@@ -58,10 +60,13 @@ def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, preproces
     if missing or unexpected:
         raise UserError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / "open_clip_model.safetensors"))
-    (out / EXPORT_CONFIG_FILE).write_text(
-        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
-    )
+    # Each file appears whole (written aside, then renamed), the config last: a server waiting for the
+    # export (`tandem serve --wait-for-model`) loads it only once both are complete.
+    weights = out / "open_clip_model.safetensors"
+    save_file(tensors, str(weights.with_name(f".{weights.name}.tmp")))
+    os.replace(weights.with_name(f".{weights.name}.tmp"), weights)
+    atomic_write(out / EXPORT_CONFIG_FILE,
+                 json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2).encode())
     return out
 
 
