@@ -345,8 +345,10 @@ class Trainer:
 
     def _model_metrics(self) -> dict[str, float]:
         """The recorded figures that depend on the model (subclasses add their own)."""
-        scale = float(self.engine.module.logit_scale.detach().float().exp().reshape(-1)[0])
-        return {"logit_scale": scale, "temperature": 1.0 / scale}  # temperature as loss.init_temperature means it
+        log_scale = self.engine.module.logit_scale.detach().float().reshape(-1)[0]
+        # temperature as loss.init_temperature means it; exp(-x), not 1 / exp(x): an absurd lr can drive
+        # the scale to 0 (a finite loss, stopped only at the next checkpoint's weight check)
+        return {"logit_scale": float(log_scale.exp()), "temperature": float((-log_scale).exp())}
 
     def _checkpoint_state(self) -> dict[str, Any]:
         """What a checkpoint carries beyond the engine's weights, optimizer and schedule, the step
