@@ -41,17 +41,19 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", category=UserWarning)
 
 SIDE = 512
 CROP = 224
-EXPONENT = 1.5  # amplitude ~ 1/f^1.4: natural-image statistics, and ~60 KB JPEGs at 512 px, q90, as web photos
+EXPONENT = 1.5  # amplitude ~ 1/f^1.5 (power ~ 1/f^3): ~60 KB JPEGs at 512 px, q90, as web photos
 
 
 def pink_noise(rng: np.random.Generator, side: int = SIDE) -> np.ndarray:
-    """An RGB image whose power spectrum falls as 1/f^2, like natural photographs."""
+    """An RGB image whose amplitude spectrum falls as 1/f^EXPONENT, a little steeper than natural
+    photographs' 1/f, so that its JPEGs are the size of web photos'."""
     fy = np.fft.fftfreq(side)[:, None]
     fx = np.fft.rfftfreq(side)[None, :]
     amplitude = np.maximum(np.hypot(fx, fy), 1.0 / side) ** -EXPONENT
@@ -121,9 +123,9 @@ def timed(iterator, batches: int | None, warmup: int, count, workers) -> tuple[f
             batch = next(iterator)
         except StopIteration:
             break
-        if index == warmup:
+        if index == warmup:  # the clock starts once this batch is in: its samples are not counted
             start, cpu = time.perf_counter(), _cpu_seconds(workers())
-        if index >= warmup:
+        elif index > warmup:
             samples += count(batch)
     wall, cpu = time.perf_counter() - start, _cpu_seconds(workers()) - cpu
     return samples / wall, 1000 * cpu / samples, samples
@@ -155,7 +157,8 @@ def run_open_clip(shards: list[str], args, transform, tok) -> tuple[float, float
                          workers=args.workers, world_size=1, distributed=False)
     data = get_wds_dataset(ns, transform, is_train=True, epoch=0, tokenizer=tok)
     loader = data.dataloader.pipeline[0]  # WebLoader wraps a DataLoader, whose workers persist
-    result = timed(iter(data.dataloader), None, args.workers, lambda b: b[0].shape[0],
+    # the same number of batches as Tandem's (one epoch), so neither side's end-of-epoch drain is timed
+    result = timed(iter(data.dataloader), args.samples // args.batch_size, args.workers, lambda b: b[0].shape[0],
                    lambda: loader._iterator._workers)
     del data
     return result
@@ -167,7 +170,9 @@ def run_tandem(shards: list[str], args, transform, tok) -> tuple[float, float, i
     spec = StreamSpec(urls=shards, batch_size=args.batch_size, workers=args.workers, train=True)
     loader = make_loader(spec, transform, tok, CROP)
     batches = args.samples // args.batch_size  # one epoch, as open_clip's loader gives
-    iterator = iter(loader)
+    # DataLoader's own iterator, whose worker processes the CPU count reads (Tandem's loader wraps it in a
+    # generator that turns a worker's error into its one line; the batches are the same)
+    iterator = DataLoader.__iter__(loader)
     result = timed(iterator, batches, args.workers, lambda b: b["image"].shape[0], lambda: iterator._workers)
     return result
 

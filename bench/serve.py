@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             before = batches(batched.url)
             for _ in range(SEGMENTS):
                 parts["batched"].append(load(batched.url, bodies, 32, args.requests // SEGMENTS))
-                parts["single"].append(load(single.url, bodies, 32, max(args.requests // SEGMENTS // 2, 32)))
+                parts["single"].append(load(single.url, bodies, 32, args.requests // SEGMENTS))  # the same load
                 parts["offline"].append(offline.images_per_s(args.max_batch_size))
                 parts["offline1"].append(offline.images_per_s(1))
             images_in, passes = (a - b for a, b in zip(batches(batched.url), before))
