@@ -45,7 +45,8 @@ class Output:
             reason = s3.REASONS.get("NoSuchBucket" if code == "404" else code, code or "error")
             raise UserError(f"cannot write {self.target}: {reason}") from None
         except BotoCoreError as error:
-            raise UserError(f"cannot write {self.target}: {s3.fatal_reason(error) or error}") from None
+            reason = " ".join(str(s3.fatal_reason(error) or error).split())  # botocore's may span lines
+            raise UserError(f"cannot write {self.target}: {reason}") from None
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import tarfile
@@ -82,9 +83,26 @@ def folder_rows(folder: str | Path) -> list[Row]:
     rows = []
     for image in images:
         sidecar = image.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else None
+        caption = _read_caption(sidecar) if sidecar.is_file() else None
         rows.append(Row(str(image), caption, (("filepath", str(image.relative_to(folder))),)))
     return rows
+
+
+def _read_caption(sidecar: Path) -> str:
+    """A ``.txt`` caption as UTF-8 (a BOM dropped), as tables are read; other bytes are one line."""
+    try:
+        return sidecar.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{sidecar} is not UTF-8 text (byte {error.start}); re-encode the caption") from None
+
+
+def _value(value):
+    """A table cell for the sample's ``.json``: bytes as UTF-8 text, NaN and infinities as null."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def table_rows(path: str | Path, image_key: str = "filepath", caption_key: str = "caption",
@@ -116,6 +134,7 @@ def table_rows(path: str | Path, image_key: str = "filepath", caption_key: str =
                         f"choose them with --csv-img-key/--csv-caption-key (and --csv-separator)")
     rows = []
     for record in records:
+        record = {k: _value(v) for k, v in record.items()}
         image, caption = record[image_key], record[caption_key]
         image_path = Path(str(image)) if image is not None else Path("")
         if image is not None and not image_path.is_absolute() and not image_path.exists():
@@ -185,7 +204,7 @@ def encode_image(data: bytes, options: WriteOptions) -> tuple[bytes, dict]:
         if too_big:  # draft decode (DCT scaling) to >= 2x the target, then a good resample
             image.thumbnail((options.max_size, options.max_size), Image.Resampling.LANCZOS)
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # tRNS: RGB, L and P too
             rgba = image.convert("RGBA")
             image = Image.new("RGB", rgba.size, (255, 255, 255))
             image.paste(rgba, mask=rgba.getchannel("A"))
@@ -276,8 +295,14 @@ def _plan(rows: list[Row], options: WriteOptions, output: Output) -> list[_Job]:
 
 def _write_one(job: _Job, progress: Callable[[int], None] | None = None) -> tuple[str, dict]:
     """Build the shard and store it, then its stats (whose fingerprint marks it complete)."""
+    # The images' versions before they are read: one replaced meanwhile leaves a fingerprint that no
+    # longer matches, so a rerun rebuilds the shard (taken after, it would match the new file).
+    fingerprint = job.fingerprint
     data, stats = shard_bytes(job.chunk, job.index, job.digits, job.options, progress)
-    stats["fingerprint"] = job.fingerprint
+    stats["fingerprint"] = fingerprint
+    # An earlier run's stats must not outlive its tar: a run stopped between the two writes below would
+    # leave the old fingerprint beside the new tar, and a rerun of the old command would keep it.
+    job.output.remove(f"{job.name}_stats.json")
     job.output.put(f"{job.name}.tar", data)
     job.output.put(f"{job.name}_stats.json", json.dumps(stats, indent=2).encode())
     return job.name, stats

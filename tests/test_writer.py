@@ -159,6 +159,62 @@ def test_an_image_replaced_under_the_same_path_rebuilds_its_shard(images, tmp_pa
     assert written(out) == written(tmp_path / "fresh")
 
 
+def test_a_rebuild_stopped_before_its_stats_leaves_no_stale_fingerprint(images, tmp_path):
+    """A rerun with other options stopped between a shard's tar and its stats file must not leave the
+    old stats beside the new tar: rerunning the first command would take that shard as complete."""
+    rows, out = folder_rows(images), tmp_path / "out"
+    first = WriteOptions(samples_per_shard=4)
+    write_shards(rows, str(out), first)
+    (out / "00000_stats.json.tmp").mkdir()  # the stats write fails, as on a full disk or a failed PUT
+    with pytest.raises(UserError, match="00000_stats.json"):
+        write_shards(rows, str(out), WriteOptions(samples_per_shard=4, max_size=16))
+    (out / "00000_stats.json.tmp").rmdir()
+    assert "00000_stats.json" not in written(out)  # the new tar stands alone: incomplete, rebuilt next time
+    assert write_shards(rows, str(out), first)["resumed"] == 2
+    write_shards(rows, str(tmp_path / "fresh"), first)
+    assert written(out) == written(tmp_path / "fresh")
+
+
+def test_an_image_replaced_while_its_shard_is_built_rebuilds_it_next_time(images, tmp_path):
+    folder, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(images, folder)
+    options = WriteOptions(samples_per_shard=4)
+    rows = folder_rows(folder)
+
+    def replace_first_image(n: int) -> None:  # called after each row of the first shard is read
+        if not (tmp_path / "replaced").exists():
+            (tmp_path / "replaced").touch()
+            _image(99, (50, 40)).save(rows[0].path, quality=90)
+
+    write_shards(rows, str(out), options, progress=replace_first_image)
+    assert write_shards(folder_rows(folder), str(out), options)["resumed"] == 2  # shard 0 is rebuilt
+    write_shards(folder_rows(folder), str(tmp_path / "fresh"), options)
+    assert written(out) == written(tmp_path / "fresh")
+
+
+def test_colour_key_transparency_captions_and_table_values(tmp_path):
+    """tRNS transparency in RGB and L PNGs is flattened onto white like alpha; a caption's BOM is dropped
+    and non-UTF-8 caption bytes are one line; parquet bytes are text and NaN is null in the .json."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for mode, colour in (("RGB", (0, 0, 0)), ("L", 0)):
+        Image.new(mode, (8, 8), colour).save(folder / f"{mode}.png", transparency=colour)
+        (folder / f"{mode}.txt").write_bytes(b"\xef\xbb\xbfa transparent square")
+    write_shards(folder_rows(folder), str(tmp_path / "out"), WriteOptions())
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False).decode("pil"))
+    assert [s["txt"] for s in samples] == ["a transparent square"] * 2
+    assert all(s["jpg"].convert("RGB").getpixel((4, 4)) >= (250, 250, 250) for s in samples)
+    (folder / "L.txt").write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(UserError, match=r"L.txt is not UTF-8 text"):
+        folder_rows(folder)
+
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"filepath": [str(folder / "RGB.png")], "caption": [b"a red square"],
+                             "score": [float("nan")]}), table)
+    [row] = input_rows(str(table))
+    assert row.caption == "a red square" and dict(row.extra)["score"] is None
+
+
 def test_table_mistakes_are_one_line_naming_the_line(images, tmp_path):
     image = str(images / "img00.jpg")
     (tmp_path / "comma.csv").write_text(f"filepath,caption\n{image},fine\n{image},a cat, on a mat\n")
