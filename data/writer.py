@@ -262,6 +262,8 @@ class _Job:
     digits: tuple[int, int]
     options: WriteOptions
     output: Output
+    outdated_stats: bool = False
+    """An earlier run's stats file is there: removed before the new tar is written."""
 
     @property
     def name(self) -> str:
@@ -300,9 +302,10 @@ def _write_one(job: _Job, progress: Callable[[int], None] | None = None) -> tupl
     fingerprint = job.fingerprint
     data, stats = shard_bytes(job.chunk, job.index, job.digits, job.options, progress)
     stats["fingerprint"] = fingerprint
-    # An earlier run's stats must not outlive its tar: a run stopped between the two writes below would
-    # leave the old fingerprint beside the new tar, and a rerun of the old command would keep it.
-    job.output.remove(f"{job.name}_stats.json")
+    if job.outdated_stats:
+        # An earlier run's stats must not outlive its tar: a run stopped between the two writes below
+        # would leave the old fingerprint beside the new tar, and a rerun of the old command keep it.
+        job.output.remove(f"{job.name}_stats.json")
     job.output.put(f"{job.name}.tar", data)
     job.output.put(f"{job.name}_stats.json", json.dumps(stats, indent=2).encode())
     return job.name, stats
@@ -379,13 +382,13 @@ def write_shards(rows: list[Row], out: str, options: WriteOptions = WriteOptions
     for job in jobs:
         stats = _complete(job, present)
         if stats is None:
-            todo.append(job)
+            todo.append(dataclasses.replace(job, outdated_stats=f"{job.name}_stats.json" in present))
             continue
         done[job.name] = stats
         if progress:
             progress(len(job.chunk))
     resumed = len(done)
-    _clear(output, jobs, present, rebuilt=sum(f"{job.name}_stats.json" in present for job in todo))
+    _clear(output, jobs, present, rebuilt=sum(job.outdated_stats for job in todo))
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(workers) as pool:  # each process makes its own boto3 client (s3.client)
             for (name, stats), job in zip(pool.map(_write_one, todo), todo):
