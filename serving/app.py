@@ -139,8 +139,8 @@ def create_app(settings: ServeSettings, *, loader: Loader | None = None,
     def service() -> Service:
         if state.service is None:
             raise NotReady(f"model failed to load: {state.error}" if state.error else "model is still loading")
-        if state.service.batcher.failure:  # every later request, a search by embedding (no model) too
-            raise ModelStopped(state.service.batcher.failure)
+        if failure := state.failure():  # the model thread stopped: every later request, a search by embedding too
+            raise ModelStopped(failure)
         return state.service
 
     async def only_fields(request: Request, *allowed: str) -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import tandem
-from training.distributed import check_checkpoint_layout, consolidated_state_dict, zero_partitions
+from training.distributed import (check_checkpoint_layout, consolidated_state_dict, convert_to_universal,
+                                  zero_partitions)
 from training.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -293,16 +294,7 @@ def zero_state(folder: Path) -> dict[tuple[int, str], torch.Tensor]:
 def universal_state(folder: Path, out: Path) -> dict[tuple[str, str], torch.Tensor]:
     """Per parameter, the fp32 weights, Adam moments and step of a ZeRO checkpoint folder at any world
     size, each whole: DeepSpeed's universal-checkpoint converter joins the processes' parts."""
-    import argparse
-    import contextlib
-    import io
-
-    from deepspeed.checkpoint.ds_to_universal import main as to_universal
-
-    settings = argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        to_universal(settings)
+    convert_to_universal(folder, out)
     state = {}
     for param in sorted(p for p in (out / "zero").iterdir() if p.is_dir()):
         for file in param.glob("*.pt"):

@@ -447,6 +447,17 @@ def _load_repartitioned(engine, directory: Path, tag: str) -> tuple[str | None, 
     return path, client_state
 
 
+def convert_to_universal(folder: Path, out: Path) -> None:
+    """Rewrite the ZeRO checkpoint ``folder`` (any world size) as DeepSpeed's universal checkpoint in
+    ``out``: under ``out/zero``, one folder per parameter holding its whole fp32 weights and Adam moments."""
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    settings = argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        to_universal(settings)  # prints its progress and tqdm bars
+
+
 def _load_universal(engine, directory: Path, tag: str) -> tuple[str | None, dict]:
     """ZeRO 3 at another world size, through DeepSpeed's universal checkpoint: rank 0 rewrites the
     checkpoint with each parameter's fp32 weights and optimizer state whole, one folder per parameter,
@@ -457,14 +468,8 @@ def _load_universal(engine, directory: Path, tag: str) -> tuple[str | None, dict
         shutil.rmtree(staging, ignore_errors=True)  # no marker of an earlier attempt may remain
     barrier()
     if rank() == 0:
-        from deepspeed.checkpoint.ds_to_universal import main as to_universal
-
-        settings = argparse.Namespace(
-            input_folder=str(directory / tag), output_folder=str(staging / tag), num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                to_universal(settings)  # prints its progress and tqdm bars
+            convert_to_universal(directory / tag, staging / tag)
             converted.touch()
         except Exception as error:  # noqa: BLE001 - every rank reports it below
             staging.mkdir(parents=True, exist_ok=True)
