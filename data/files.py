@@ -9,10 +9,17 @@ from pathlib import Path
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Writes via a temp file so readers never see a partial file under ``path``."""
+    """Writes via a temp file so readers never see a partial file under ``path``.
+
+    The data are flushed to disk before the rename: without that, a crash soon after can leave the
+    new name pointing at an empty file on filesystems that reorder metadata before data.
+    """
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_bytes(data)
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

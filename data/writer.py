@@ -97,11 +97,19 @@ def _read_caption(sidecar: Path) -> str:
 
 
 def _value(value):
-    """A table cell for the sample's ``.json``: bytes as UTF-8 text, NaN and infinities as null."""
+    """A table cell for the sample's ``.json``: bytes as UTF-8 text, NaN and infinities as null.
+
+    Parquet list and struct cells arrive as lists and dicts; their items are converted the same way,
+    since ``json.dumps`` would write a nested NaN as the non-JSON token ``NaN``.
+    """
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, (list, tuple)):
+        return [_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _value(item) for key, item in value.items()}
     return value
 
 

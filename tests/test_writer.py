@@ -194,7 +194,8 @@ def test_an_image_replaced_while_its_shard_is_built_rebuilds_it_next_time(images
 
 def test_colour_key_transparency_captions_and_table_values(tmp_path):
     """tRNS transparency in RGB and L PNGs is flattened onto white like alpha; a caption's BOM is dropped
-    and non-UTF-8 caption bytes are one line; parquet bytes are text and NaN is null in the .json."""
+    and non-UTF-8 caption bytes are one line; parquet bytes are text and NaN is null in the .json, also
+    inside list and struct cells."""
     folder = tmp_path / "in"
     folder.mkdir()
     for mode, colour in (("RGB", (0, 0, 0)), ("L", 0)):
@@ -210,9 +211,13 @@ def test_colour_key_transparency_captions_and_table_values(tmp_path):
 
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"filepath": [str(folder / "RGB.png")], "caption": [b"a red square"],
-                             "score": [float("nan")]}), table)
+                             "score": [float("nan")], "scores": [[1.5, float("nan")]],
+                             "meta": [{"w": float("inf"), "tag": b"x"}]}), table)
     [row] = input_rows(str(table))
-    assert row.caption == "a red square" and dict(row.extra)["score"] is None
+    extra = dict(row.extra)
+    assert row.caption == "a red square" and extra["score"] is None
+    assert extra["scores"] == [1.5, None] and extra["meta"] == {"w": None, "tag": "x"}
+    json.loads(json.dumps(extra, allow_nan=False))
 
 
 def test_table_mistakes_are_one_line_naming_the_line(images, tmp_path):
