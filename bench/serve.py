@@ -16,7 +16,7 @@ interleaved so they see the same conditions, and ``load_avg`` (start, end) is in
 60-second load at concurrency 8 samples the batched server's resident memory every second
 (``soak_rss_*``: it should stay flat).
 
-    uv run python bench/serve.py [--requests 192] [--threads N]
+    uv run python bench/serve.py [--requests 192] [--threads N] [--model ViT-B-32]
 """
 
 from __future__ import annotations
@@ -47,14 +47,16 @@ LABELS = [f"{color} {thing}" for color in ("red", "green", "blue", "yellow", "bl
           for thing in ("cat", "dog", "car", "house", "tree", "bird", "boat", "chair", "flower", "plane")]
 
 
-def export_vit_b_32(out: Path) -> Path:
-    import open_clip
-
+def export_random(name: str, out: Path) -> Path:
+    """The named model (open_clip's or Tandem's config), randomly initialised, in Tandem's export format."""
     from training.export import export_state_dict
     from training.model import create_model, preprocess_config
+    from training.model_config import named_model_config
 
     torch.manual_seed(0)
-    model_cfg = open_clip.get_model_config("ViT-B-32")
+    model_cfg = named_model_config(name)
+    if model_cfg is None:
+        raise SystemExit(f"unknown model {name!r}")
     model = create_model(model_cfg)
     return export_state_dict(model.state_dict(), model_cfg, preprocess_config(model_cfg), out)
 
@@ -139,35 +141,39 @@ class Server:
 def load(url: str, bodies: list[bytes], concurrency: int, requests: int) -> tuple[float, list[float]]:
     """``requests`` POSTs from ``concurrency`` clients, each sending its next one on a response.
 
-    Returns (wall seconds, per-request latencies in seconds).
+    Returns (wall seconds, per-request latencies in seconds). The clients are made before the clock
+    starts: making one costs tens of milliseconds of this process's CPU, which at concurrency 32
+    would be counted against the server in every part.
     """
     latencies: list[float] = []
     lock, taken = threading.Lock(), [0]
 
-    def client() -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
-            while True:
-                with lock:
-                    if taken[0] >= requests:
-                        return
-                    number = taken[0]
-                    taken[0] += 1
-                start = time.perf_counter()
-                response = http.post("/v1/classify", content=bodies[number % len(bodies)],
-                                     headers={"content-type": "application/json"})
-                elapsed = time.perf_counter() - start
-                if response.status_code != 200:
-                    raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
-                with lock:
-                    latencies.append(elapsed)
+    def client(http: httpx.Client) -> None:
+        while True:
+            with lock:
+                if taken[0] >= requests:
+                    return
+                number = taken[0]
+                taken[0] += 1
+            start = time.perf_counter()
+            response = http.post("/v1/classify", content=bodies[number % len(bodies)],
+                                 headers={"content-type": "application/json"})
+            elapsed = time.perf_counter() - start
+            if response.status_code != 200:
+                raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
+            with lock:
+                latencies.append(elapsed)
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    clients = [httpx.Client(base_url=url, timeout=600) for _ in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(http,)) for http in clients]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    for http in clients:
+        http.close()
     if len(latencies) != requests:
         raise RuntimeError(f"only {len(latencies)} of {requests} requests succeeded")
     return wall, latencies
@@ -240,10 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     from training.launch import free_port
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ViT-B-32", help="model config, randomly initialised (tandem-tiny: a quick run)")
     parser.add_argument("--requests", type=int, default=192, help="requests at concurrency 32 (8: a third, 1: 12)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the model")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--offline-seconds", type=float, default=4.0, help="each offline measurement's length")
     parser.add_argument("--soak-seconds", type=float, default=60.0,
                         help="then a load of this length at concurrency 8 on the batched server, its memory sampled")
     args = parser.parse_args(argv)
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
               for j in images]
     result: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        export = export_vit_b_32(Path(tmp) / "vit-b-32")
+        export = export_random(args.model, Path(tmp) / "model")
         batched = Server(export, free_port(), args.threads, args.max_batch_size, args.max_wait_ms)
         single = Server(export, free_port(), args.threads, 1, 0)
         try:
@@ -277,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(SEGMENTS):
                 parts["batched"].append(load(batched.url, bodies, 32, args.requests // SEGMENTS))
                 parts["single"].append(load(single.url, bodies, 32, args.requests // SEGMENTS))  # the same load
-                parts["offline"].append(offline.images_per_s(args.max_batch_size))
-                parts["offline1"].append(offline.images_per_s(1))
+                parts["offline"].append(offline.images_per_s(args.max_batch_size, args.offline_seconds))
+                parts["offline1"].append(offline.images_per_s(1, args.offline_seconds))
             images_in, passes = (a - b for a, b in zip(batches(batched.url), before))
             if args.soak_seconds > 0:
                 result.update(soak(batched, bodies, 8, args.soak_seconds))
@@ -305,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms_one_at_a_time_c32": round(baseline["p99_ms"], 1),
         "ratio_vs_offline": round(c32["rps"] / best_offline, 3),
         "ratio_vs_one_at_a_time": round(c32["rps"] / baseline["rps"], 3),
-        "model": "ViT-B-32 (random init)", "device": "cpu", "torch_threads": args.threads,
+        "model": f"{args.model} (random init)", "device": "cpu", "torch_threads": args.threads,
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
         "load_avg": [round(load_start, 2), round(os.getloadavg()[0], 2)], "cpu_count": os.cpu_count(),
         "seconds": round(time.time() - started, 1),

@@ -1,5 +1,5 @@
 """The bench scripts run both sides on CPU, briefly, and end with their JSON line (figures not asserted).
-bench/serve.py is left out: it measures a ViT-B-32 behind two servers, minutes on this CPU."""
+bench/serve.py runs on tandem-tiny here; its measured figures are for ViT-B-32, minutes on this CPU."""
 
 import json
 import subprocess
@@ -42,3 +42,14 @@ def test_data_bench_runs_tandem_and_open_clip():
                         "--rounds", "1"])
     assert result["samples"] == 512 and result["samples_per_s"] > 0 and result["open_clip_samples_per_s"] > 0
     assert len(result["ratio_per_round"]) == 1 and result["cpu_ms_per_sample"] > 0
+
+
+@pytest.mark.slow
+def test_serve_bench_runs_the_batched_server_and_its_peers():
+    result = last_json(["bench/serve.py", "--model", "tandem-tiny", "--requests", "24", "--threads", "1",
+                        "--offline-seconds", "0.2", "--soak-seconds", "3"])
+    assert result["model"] == "tandem-tiny (random init)" and result["max_batch_size"] == 32
+    for key in ("rps_c1", "rps_c8", "rps_c32", "rps_one_at_a_time_c32", "offline_images_per_s",
+                "ratio_vs_offline", "ratio_vs_one_at_a_time", "soak_requests"):
+        assert result[key] > 0, (key, result)
+    assert result["mean_batch_c32"] >= 1 and result["soak_rss_end_mib"] > 0
