@@ -130,6 +130,25 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path, synth_data, shar
         for step in (4, 5, 6):
             assert resumed_keys[step] == full_keys[step], (rank, step)
     assert key_trace(full_dir, 0) != key_trace(full_dir, 1)  # each rank its own samples
+    # the running count of skipped samples goes on from the checkpoint's, as in the uninterrupted run
+    assert [r["skipped_samples"] for r in metrics(split_dir)] == [r["skipped_samples"] for r in records]
+
+    # A restart of the finished run, its `latest` pointer lost (not copied, say): the newest checkpoint
+    # is resumed, nothing is trained or saved again, and the final evaluation is recorded once.
+    (split_dir / "checkpoints" / "latest").unlink()
+    logged, saved_at = metrics(split_dir), (split_dir / "checkpoints" / "step00000006").stat().st_mtime_ns
+    again = tandem("train", "--config", str(cfg), "--set", "train.stop_at=0", "--resume", "latest", "--nproc", "2")
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resuming the newest checkpoint, step00000006" in again.stderr
+    assert metrics(split_dir) == logged
+    assert (split_dir / "checkpoints" / "step00000006").stat().st_mtime_ns == saved_at
+    evals = [json.loads(line) for line in (split_dir / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals] == [6] and evals[0]["num_samples"] == 128
+    # a start without --resume does not train over the run's checkpoints
+    fresh = tandem("train", "--config", str(cfg))
+    assert fresh.returncode == 2 and fresh.stderr.strip().splitlines() == [
+        f"tandem: error: train.run_dir {split_dir} holds a run's checkpoints (newest step00000006): resume it with "
+        "--resume latest, or train into a new train.run_dir"]
 
 
 def _short_config(tmp_path: Path, synth_data: Path, run_dir: Path) -> Path:
@@ -250,6 +269,8 @@ def test_resume_applies_the_configs_optimizer_settings_and_names_what_it_cannot_
     with pytest.raises(UserError, match="written with ZeRO stage 1 or 2 and this run uses stage 3"):
         check_checkpoint_layout(folder, 3, 1)
     assert check_checkpoint_layout(folder, 1, 2) and not check_checkpoint_layout(folder, 1, 1)  # re-partition?
+    with pytest.raises(UserError, match=r'written in fp32 and this run trains in bf16: resume with train.precision = "fp32"'):
+        check_checkpoint_layout(folder, 1, 1, bf16=True)
     run_files = {name: (run_dir / name).read_bytes() for name in ("config.toml", "model_cfg.json")}
     other = tandem("train", "--config", str(cfg), "--set", "train.stop_at=0", "--set", "loss.impl=siglip",
                    "--resume", "step00000003")

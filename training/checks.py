@@ -54,6 +54,15 @@ def check_view_sizes(cfg: Config, model_cfg: dict) -> None:
                         "images: set method.small_crops=0")
 
 
+def check_run_start(run_dir: Path, resume: str | None) -> None:
+    """A start without ``--resume`` must not train over a run's checkpoints: its logs, config and
+    ``latest`` would mix with the old run's, and pruning would count the old run's checkpoints."""
+    folders = sorted(p.name for p in (Path(run_dir) / "checkpoints").glob("step*") if p.is_dir())
+    if not resume and folders:
+        raise UserError(f"train.run_dir {run_dir} holds a run's checkpoints (newest {folders[-1]}): resume it "
+                        "with --resume latest, or train into a new train.run_dir")
+
+
 def check_run_dir_writable(run_dir: Path) -> None:
     """``train.run_dir`` is a folder, or can be made one: not a file, under a writable folder."""
     check_writable_dir(run_dir, "train.run_dir")

@@ -161,11 +161,12 @@ def shard_pattern(path: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training import config as config_mod
-    from training.checks import check_inputs
+    from training.checks import check_inputs, check_run_start
     from training.launch import launched, run_local
 
     cfg = config_mod.load(args.config, args.set)
     check_inputs(cfg, args.resume)  # before the heavy imports, so a mistake is reported at once
+    check_run_start(Path(cfg.train.run_dir), args.resume)
     if args.nproc > 1 and not launched():
         forwarded = ["train"] + (["--config", args.config] if args.config else [])
         forwarded += [part for item in args.set for part in ("--set", item)]

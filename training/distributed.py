@@ -379,7 +379,7 @@ def load_checkpoint(engine, directory: Path, tag: str | None) -> dict:
     if tag is None and (directory / "latest").is_file():
         tag = (directory / "latest").read_text().strip()
     resize = tag is not None and check_checkpoint_layout(directory / tag, engine.zero_optimization_stage(),
-                                                         world_size())
+                                                         world_size(), bf16=engine.bfloat16_enabled())
     try:
         if not resize:
             path, client_state = engine.load_checkpoint(str(directory), tag=tag)
@@ -527,12 +527,14 @@ def zero_partitions(folder: Path) -> int:
     return len(zero_part_files(folder))
 
 
-def check_checkpoint_layout(folder: Path, zero_stage: int, world: int) -> bool:
-    """The ZeRO stage a checkpoint was written with must be this run's; returns whether its ZeRO
-    partitions must be re-partitioned for this run's number of processes. DeepSpeed keeps the whole
-    module in ``mp_rank_00_model_states.pt`` (stages 0-2) or one partition per process in
+def check_checkpoint_layout(folder: Path, zero_stage: int, world: int, bf16: bool = False) -> bool:
+    """The ZeRO stage and precision a checkpoint was written with must be this run's; returns whether
+    its ZeRO partitions must be re-partitioned for this run's number of processes. DeepSpeed keeps the
+    whole module in ``mp_rank_00_model_states.pt`` (stages 0-2) or one partition per process in
     ``zero_pp_rank_R_mp_rank_00_model_states.pt`` (stage 3), and under ZeRO one partition of the
-    optimizer state per process."""
+    optimizer state per process, named ``bf16_zero_pp_rank_...`` in a bf16 run: a run of the other
+    precision looks for the other name and fails with a traceback (``train.precision = "auto"`` is
+    bf16 on a GPU and fp32 on a CPU, so moving a run between them changes it)."""
     if not any(folder.glob("*model_states.pt")):
         state = "holds no model states" if folder.is_dir() else "does not exist"
         raise CollectiveError(f"checkpoint {folder.name} in {folder.parent} {state}; {_earlier(folder)}")
@@ -552,6 +554,12 @@ def check_checkpoint_layout(folder: Path, zero_stage: int, world: int) -> bool:
         raise CollectiveError(f"checkpoint {folder.name} was written with {stage_text} and this run uses stage "
                               f"{zero_stage}: resume with the train.zero_stage (and train.precision; bf16 runs "
                               "use stage >= 1) it was written with")
+    parts = zero_part_files(folder)
+    written_bf16 = bool(parts) and parts[0].name.startswith("bf16_")
+    if parts and written_bf16 != bf16:
+        names = {True: "bf16", False: "fp32"}
+        raise CollectiveError(f"checkpoint {folder.name} was written in {names[written_bf16]} and this run trains in "
+                              f"{names[bf16]}: resume with train.precision = \"{names[written_bf16]}\"")
     return bool(written) and partitions != world
 
 

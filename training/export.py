@@ -34,6 +34,17 @@ def write_run_model_config(run_dir: Path, model_cfg: dict, preprocess_cfg: dict)
     )
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``path`` appears whole: written aside, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, preprocess_cfg: dict, out: Path) -> Path:
     """Load ``state`` into a fresh open_clip model (strictly) and write it as an export."""
     out = Path(out)
@@ -62,9 +73,7 @@ def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, preproces
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     # Each file appears whole (written aside, then renamed), the config last: a server waiting for the
     # export (`tandem serve --wait-for-model`) loads it only once both are complete.
-    weights = out / "open_clip_model.safetensors"
-    save_file(tensors, str(weights.with_name(f".{weights.name}.tmp")))
-    os.replace(weights.with_name(f".{weights.name}.tmp"), weights)
+    write_safetensors(tensors, out / "open_clip_model.safetensors")
     atomic_write(out / EXPORT_CONFIG_FILE,
                  json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2).encode())
     return out

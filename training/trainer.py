@@ -115,8 +115,9 @@ class Trainer:
         self.s3 = s3_settings(cfg)  # the store settings every read of shards uses
         self.device = distributed.device()
         self.step = 0
-        self.skipped = 0  # corrupt or incomplete samples, all ranks, this run
-        self.unreported_skips = 0
+        self.skipped = 0  # corrupt or incomplete samples, all ranks, this run (kept in its checkpoints)
+        self.unreported_skips = 0  # this rank's, since the last log line or checkpoint
+        self.skips_at_saves = 0  # all ranks', counted at checkpoints since the last log line
         self.superseded: set[str] = set()
         """Checkpoints newer than the one resumed, left by the run this one took over from; each
         leaves the set when this run saves at its step."""
@@ -146,6 +147,10 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim, cfg.loss.max_logit_scale)
         self.optim_settings = [{k: g[k] for k in _OPTIM_SETTINGS if k in g} for g in optimizer.param_groups]
         scheduler = cosine_schedule(optimizer, cfg.optim, cfg.train.steps)
+        if cfg.optim.warmup_steps >= cfg.train.steps and distributed.is_main():
+            log.warning("optim.warmup_steps %d is not below train.steps %d: the warmup is shortened to %d steps and "
+                        "the learning rate is not decayed", cfg.optim.warmup_steps, cfg.train.steps,
+                        max(cfg.train.steps - 1, 0))
         zero_stage = cfg.train.zero_stage
         if self.bf16 and zero_stage == 0:
             # ZeRO-1 keeps partitioned fp32 masters, which the exporter reads back.
@@ -161,6 +166,7 @@ class Trainer:
         """Restore weights, optimizer, schedule, step and data cursor (``tag`` None: latest)."""
         state = distributed.load_checkpoint(self.engine, self.ckpt_dir, tag)
         self.step = int(state.get("step", 0))
+        self.skipped = int(state.get("skipped", 0))
         self.cursor.restore(state.get("data", {}))
         self._restore_checkpoint_state(state)
         self._apply_optim_settings()
@@ -224,8 +230,11 @@ class Trainer:
         # Only now, after a resume has been checked against the checkpoint: a mismatched --set must
         # not leave the run describing a model that its checkpoints are not.
         self._write_run_files()
+        # A resume of a finished run (a restarted pod after the last save) trains nothing and saves
+        # nothing; its final evaluation replaces the one recorded at that step.
+        finished = self.step >= cfg.steps
         if distributed.is_main() and self.step:
-            drop_records_after(self.run_dir / "eval.jsonl", self.step)  # metrics.jsonl: the logger's
+            drop_records_after(self.run_dir / "eval.jsonl", self.step - finished)  # metrics.jsonl: the logger's
         metrics = MetricsLogger(self.run_dir, total_steps=cfg.steps, start_step=self.step,
                                 port=cfg.metrics_port, enabled=distributed.is_main())
         global_batch = self.cfg.data.batch_size * distributed.world_size() * cfg.accum_steps
@@ -274,10 +283,11 @@ class Trainer:
                 if stop:
                     log.info("stopped at step %d as asked (train.stop_at); resume with --resume latest", self.step)
                     return {}
-            self.save()
-            result = self.evaluate()
-            if cfg.export:
+            if not finished:
+                self.save()
+            if cfg.export:  # before the evaluation, so an evaluation that fails leaves the export written
                 self.export()
+            result = self.evaluate()
         finally:
             metrics.close()
             if trace:
@@ -334,6 +344,8 @@ class Trainer:
         self._stop_if_diverged(bad_ranks)
         self.unreported_skips = 0
         self.skipped += int(skipped_sum)
+        skipped_sum += self.skips_at_saves  # in the total already; not yet in the Prometheus counter
+        self.skips_at_saves = 0
         metrics.log(self.step, {
             "loss": loss_sum / world,
             "lr": lr,
@@ -359,10 +371,16 @@ class Trainer:
         """Take back what ``_checkpoint_state`` saved."""
 
     def save(self) -> None:
-        weights = torch.stack([torch.isfinite(p).all() for p in self.engine.module.parameters()]).all()
-        self._stop_if_diverged(distributed.all_reduce_sum([float(~(self.finite & weights))])[0])
+        # Under ZeRO-3 a parameter outside its forward pass is empty on every rank but its partition.
+        weights = torch.stack([torch.isfinite(getattr(p, "ds_tensor", p)).all()
+                               for p in self.engine.module.parameters()]).all()
+        bad_ranks, skips = distributed.all_reduce_sum([float(~(self.finite & weights)), self.unreported_skips])
+        self._stop_if_diverged(bad_ranks)
+        self.unreported_skips = 0
+        self.skipped += int(skips)  # the checkpoint's total, then, counts every sample before it
+        self.skips_at_saves += int(skips)
         tag = self._tag()
-        state = {"step": self.step, "data": self.cursor.state(), **self._checkpoint_state()}
+        state = {"step": self.step, "data": self.cursor.state(), "skipped": self.skipped, **self._checkpoint_state()}
         distributed.save_checkpoint(self.engine, self.ckpt_dir, tag, state)
         self.superseded.discard(tag)
         if distributed.is_main():
@@ -421,12 +439,23 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, float]:
         trainer = Trainer(cfg)
     trainer.build()
     if resume == "latest" and not (trainer.ckpt_dir / "latest").is_file():
-        # A restarted pod asks for `latest` before any checkpoint exists: that is a fresh start of the
-        # same run, so the steps its earlier attempt logged are trained, and logged, again.
-        log.info("no checkpoint in %s yet: starting from scratch", trainer.ckpt_dir)
-        if distributed.is_main():
-            for name in ("metrics.jsonl", "eval.jsonl"):
-                drop_records_after(trainer.run_dir / name, 0)
+        # Checkpoint folders keep their step* names only once complete (distributed.save_checkpoint),
+        # so without the pointer (deleted, or not copied with them) the newest folder is the one to take.
+        folders = trainer._checkpoint_folders()
+        resume = folders[-1].name if folders else None
+        if resume:
+            log.warning("no 'latest' pointer in %s: resuming the newest checkpoint, %s", trainer.ckpt_dir, resume)
+            trainer.resume(resume)
+            distributed.barrier()  # every rank has looked for the pointer before it reappears
+            if distributed.is_main():  # the export, and the next restart, read it
+                distributed.point_latest(trainer.ckpt_dir, resume)
+        else:
+            log.info("no checkpoint in %s yet: starting from scratch", trainer.ckpt_dir)
     elif resume:
         trainer.resume(None if resume == "latest" else resume)
+    if not resume and distributed.is_main():
+        # A fresh start (a restarted pod before the first checkpoint, or a run dir without checkpoints):
+        # the steps an earlier attempt logged are trained, and logged, again.
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            drop_records_after(trainer.run_dir / name, 0)
     return trainer.fit()

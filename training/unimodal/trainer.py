@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-
+from data.files import atomic_write
 from training import distributed
 from training.config import Config
 from training.errors import CollectiveError
+from training.export import write_safetensors
 from training.model_config import image_side
 from training.trainer import Trainer
 from training.unimodal.evaluate import collapse_stats, evaluate_backbone, is_collapsed
@@ -147,9 +147,9 @@ class UnimodalTrainer(Trainer):
         out = self.run_dir / "export"
         if distributed.is_main():
             out.mkdir(parents=True, exist_ok=True)
-            save_file(self._backbone_state(), str(out / "backbone.safetensors"))
-            (out / "backbone.json").write_text(json.dumps({"method": self.cfg.method.name, "model_cfg": self.model_cfg,
-                                                           "image_size": self.crop}, indent=2))
+            write_safetensors(self._backbone_state(), out / "backbone.safetensors")  # each file whole, the config last
+            atomic_write(out / "backbone.json", json.dumps({"method": self.cfg.method.name, "model_cfg": self.model_cfg,
+                                                            "image_size": self.crop}, indent=2).encode())
             log.info("exported the %s backbone to %s", self.cfg.method.name, out)
         distributed.barrier()
         return out
