@@ -15,15 +15,14 @@ from typing import Callable
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from serving.text import BoundedTokenizer
+from training.checks import check_export_dir, check_safetensors
 from training.errors import UserError
 from training.model import register_configs
-from training.model_config import read_model_config
+from training.model_config import EXPORT_CONFIG_FILE, EXPORT_WEIGHTS_FILE, read_model_config
 
-WEIGHTS_FILE = "open_clip_model.safetensors"
-CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE, CONFIG_FILE = EXPORT_WEIGHTS_FILE, EXPORT_CONFIG_FILE
 
 
 @dataclass
@@ -112,19 +111,15 @@ def check_model(model: str, weights: str | None) -> tuple[str, str | None]:
     """Validate ``--model``/``--weights`` without loading anything: (open_clip name, weights file)."""
     path = Path(model)
     if path.is_dir():
-        if not (path / CONFIG_FILE).is_file():
-            raise UserError(f"{path} is not an exported model (no {CONFIG_FILE})")
-        if not (path / WEIGHTS_FILE).is_file():
-            raise UserError(f"{path} has no {WEIGHTS_FILE} (only safetensors weights are loaded)")
+        check_export_dir(path)
         if weights:
             raise UserError("--weights is only for a model name or config; an export directory has its own")
-        _check_safetensors(path / WEIGHTS_FILE)
         return f"local-dir:{path.resolve()}", None
     if not weights:
         raise UserError(f"{model} is not an export directory; a model name or config needs --weights FILE.safetensors")
     if not weights.endswith(".safetensors") or not Path(weights).is_file():
         raise UserError(f"--weights must be an existing .safetensors file (no pickle), got {weights}")
-    _check_safetensors(Path(weights))
+    check_safetensors(Path(weights))
     if model.endswith(".json"):
         cfg = read_model_config(path)
         if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
@@ -135,15 +130,6 @@ def check_model(model: str, weights: str | None) -> tuple[str, str | None]:
     if open_clip.get_model_config(model) is None:
         raise UserError(f"unknown model '{model}': not an export directory, a config .json or an open_clip name")
     return model, weights
-
-
-def _check_safetensors(path: Path) -> None:
-    """The file's safetensors header reads (only the header: the tensors stay on disk)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: either way not usable weights
-        raise UserError(f"{path} is not a readable safetensors file ({error})") from None
 
 
 def model_embed_dim(name: str) -> int | None:

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, free_port, tandem
 from training.checks import check_inputs
@@ -89,14 +90,33 @@ def test_eval_and_export_of_wrong_directories(tmp_path, synth_data, capsys):
     assert_one_line_error(tandem("export", "--run", str(tmp_path)), "not a Tandem run directory")
     (tmp_path / "model_cfg.json").write_text("{}")
     assert_one_line_error(tandem("export", "--run", str(tmp_path)), "no checkpoint found")
+    from safetensors.torch import save_file
+
+    from training.cli import main
+
+    # An export without its weights would be scored at open_clip's random initialisation: refused,
+    # as are a config that names no model and weights whose header does not read.
+    data = ["--data", str(synth_data / "test")]
     (tmp_path / "open_clip_config.json").write_text("{}")
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"\x08\x00\x00")
+    for needle in ("open_clip_config.json is not an export's config", "has no open_clip_model.safetensors",
+                   "open_clip_model.safetensors is not a readable safetensors file"):
+        if "has no" in needle:
+            (tmp_path / "open_clip_config.json").write_text(json.dumps(
+                {"model_cfg": {"embed_dim": 8, "vision_cfg": {}, "text_cfg": {}}}))
+            moved = (tmp_path / "open_clip_model.safetensors").rename(tmp_path / "aside")
+        assert main(["eval", "--model", str(tmp_path), *data]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("tandem: error: ") and needle in last, (needle, last)
+        if "has no" in needle:
+            moved.rename(tmp_path / "open_clip_model.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "open_clip_model.safetensors"))
     assert_one_line_error(tandem("eval", "--model", str(tmp_path), "--data", str(tmp_path / "nowhere-{0..1}.tar"),
                                  "--classes", str(synth_data / "classes.json")), "nowhere-0.tar")
     assert_one_line_error(tandem("eval", "--model", str(tmp_path), "--data", str(synth_data / "test"),
                                  "--classes", str(tmp_path / "missing.json")), "classes file not found")
     # a checkpoint folder that holds no checkpoint, and output folders that are files (in process: the
     # same main() the console script runs, without paying a subprocess's imports per case)
-    from training.cli import main
 
     (tmp_path / "checkpoints" / "empty").mkdir(parents=True)
     a_file = tmp_path / "a-file"

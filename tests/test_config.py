@@ -57,6 +57,9 @@ def test_text_knobs_take_the_text_as_written():
     """A path, name or key that reads as a TOML date or number stays the text the user typed."""
     cfg = config.load(None, ["train.run_dir=2024-01-01", "data.s3_access_key_id=12345", 'model.name="ViT-B-32"'])
     assert (cfg.train.run_dir, cfg.data.s3_access_key_id, cfg.model.name) == ("2024-01-01", "12345", "ViT-B-32")
+    # spaces around `=` are TOML's, not the value's: ' /tmp/x' would be a relative path
+    cfg = config.load(None, ["train.run_dir = /tmp/x", "model.name = ViT-B-32 ", "train.steps = 7"])
+    assert (cfg.train.run_dir, cfg.model.name, cfg.train.steps) == ("/tmp/x", "ViT-B-32", 7)
     with pytest.raises(UserError, match="train.steps must be a int"):
         config.load(None, ["train.steps=2024-01-01"])
 
@@ -68,6 +71,24 @@ def test_bad_override_and_values():
         config.load(None, ["train.zero_stage=4", "data.train_shards=x"]).validate()
     with pytest.raises(UserError, match="train_shards"):
         config.load(None).validate()
+    with pytest.raises(UserError, match="method.momentum_end 0.5 is below method.momentum 0.99: the cosine"):
+        config.load(None, ["method.momentum=0.99", "method.momentum_end=0.5", "data.train_shards=x"]).validate()
+
+
+def test_settings_that_depend_on_the_processes():
+    from training.unimodal.trainer import check_method_layout
+
+    def cfg(*overrides):
+        return config.load(None, ["data.train_shards=x", *overrides])
+
+    check_method_layout(cfg("method.name=swav", "method.swav_queue=12"), 4)
+    with pytest.raises(UserError, match="method.swav_queue 3 must be a multiple of the 2 processes"):
+        check_method_layout(cfg("method.name=swav", "method.swav_queue=3"), 2)
+    with pytest.raises(UserError, match="method.swav_queue 1 must be a multiple of the 2 processes"):
+        check_method_layout(cfg("method.name=swav", "method.swav_queue=1"), 2)
+    with pytest.raises(UserError, match="barlow_twins .* needs at least 2 samples"):
+        check_method_layout(cfg("method.name=barlow_twins", "data.batch_size=1"), 1)
+    check_method_layout(cfg("method.name=barlow_twins", "data.batch_size=1"), 2)
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -85,8 +106,10 @@ def test_bad_override_and_values():
     ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),  # would delete the latest one
     ("train.metrics_port=70000", "train.metrics_port must be a port"),
     ("method.knn_k=0", "method.knn_k must be >= 1"),
-    ("method.momentum=1.5", "method.momentum must be in [0, 1], or -1 for the paper's"),
-    ("method.momentum=-0.5", "method.momentum must be in [0, 1], or -1 for the paper's"),
+    ("method.momentum=1.5", "method.momentum must be in [0, 1) (at 1 the target never leaves"),
+    ("method.momentum=1", "method.momentum must be in [0, 1) (at 1 the target never leaves"),
+    ("method.momentum=-0.5", "method.momentum must be in [0, 1) (at 1 the target never leaves"),
+    ("method.prototypes=1", "method.prototypes must be >= 2 (with one, every code is the same"),
     ("method.queue_size=0", "method.queue_size must be >= 1"),
     ("method.sinkhorn_epsilon=0", "method.sinkhorn_epsilon must be > 0"),
     ("method.crop_min_scale=1.2", "method.crop_min_scale must be in [0, 1]"),

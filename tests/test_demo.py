@@ -68,3 +68,27 @@ def test_method_demo_reports_the_trained_and_both_untrained_baselines(tmp_path):
     assert all(0.0 <= result[k] <= 1.0 for k in scores)
     assert (result["method"], result["steps"], result["num_samples"], result["num_train_samples"]) == ("simclr", 2, 64, 128)
     assert "random init, precise BN" in proc.stdout and "eval.json" in proc.stdout
+
+
+def test_demo_leaves_a_folder_of_other_files_alone_and_checks_its_settings_first(tmp_path):
+    """An --out holding files no demo wrote is refused whole; a mistyped --set or a key the demo sets
+    itself is one line before any data are generated."""
+    from training.demo import MARKER, claim_out
+
+    mine = tmp_path / "mine"
+    (mine / "run").mkdir(parents=True)
+    (mine / "run" / "notes.txt").write_text("precious")
+    proc = tandem("demo", "--out", str(mine), "--set", "train.steps=1")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"tandem: error: --out {mine} holds files that no tandem demo wrote: choose a new or empty folder "
+        "(a demo replaces its run, data and eval.json there)"]
+    assert (mine / "run" / "notes.txt").read_text() == "precious" and not (mine / MARKER).exists()
+    claim_out(tmp_path / "new")  # new, then a demo folder: claimed again
+    claim_out(tmp_path / "new")
+    assert (tmp_path / "new" / MARKER).is_file()
+
+    for flag, needle in (("train.stepz=3", "unknown config key 'train.stepz'"),
+                         ('data.classes="/x.json"', "tandem demo sets data.classes itself")):
+        proc = tandem("demo", "--out", str(tmp_path / "typo"), "--set", flag)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not any((tmp_path / "typo").glob("data*"))

@@ -51,6 +51,19 @@ def test_an_export_evaluates_retrieval_without_a_classes_file(tiny_export, synth
     assert {k: v for k, v in full.items() if "recall" in k} == {k: v for k, v in retrieval.items() if "recall" in k}
 
 
+def test_shards_without_a_readable_sample_are_one_line_not_zero_recall(tiny_export, tmp_path):
+    """Every sample skipped (here: captions without images) is an error, not a score of 0."""
+    import tarfile
+
+    from data.files import add_tar_member
+
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for key in ("a", "b"):
+            add_tar_member(tar, f"{key}.txt", b"a caption")
+    with pytest.raises(UserError, match=r"no sample of .*shard-0.tar could be read to evaluate on"):
+        evaluate_export(str(tiny_export), str(tmp_path / "shard-0.tar"), None)
+
+
 @pytest.mark.parametrize("raw, needle", [
     ({"classes": "cat", "templates": ["a {}."]}, "'classes' must be a non-empty list of strings"),
     ({"classes": ["cat", 7], "templates": ["a {}."]}, "'classes' must be a non-empty list of strings"),

@@ -223,6 +223,24 @@ def test_multiview_transform_round_trips(name):
         split_views(flat[:, :-1], transform.shapes)
 
 
+def test_only_methods_with_a_softmax_have_a_temperature():
+    """The metrics log a temperature only where the loss has one (the paper's unless set)."""
+    papers = {"simclr": 0.5, "supcon": 0.1, "moco": 0.2, "moco_v3": 1.0, "swav": 0.1, "byol": None, "simsiam": None,
+              "barlow_twins": None}
+    assert {name: make(name).temperature for name in papers} == papers
+    assert make("moco", temperature=0.07).temperature == 0.07 and make("byol", temperature=0.07).temperature is None
+
+
+def test_each_method_crops_as_its_paper_does_unless_told():
+    """crop_min_scale 0 is the paper's: 0.08 for SimCLR and BYOL's pair, 0.2 in the MoCo v2, SimSiam and
+    SupCon code; any other value is every view's."""
+    papers = {"simclr": 0.08, "byol": 0.08, "barlow_twins": 0.08, "moco_v3": 0.08, "moco": 0.2, "simsiam": 0.2,
+              "supcon": 0.2, "swav": 0.14}
+    for name, scale in papers.items():
+        assert recipes(name, 24)[0].min_scale == scale, name
+        assert recipes(name, 24, 0.3)[1].min_scale == 0.3, name
+
+
 def test_knn_and_linear_probe():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 8, generator=g) * 5
@@ -233,6 +251,13 @@ def test_knn_and_linear_probe():
     assert linear_probe_top1(train, labels, test, test_labels, steps=100) > 0.95
     shuffled = labels[torch.randperm(400, generator=g)]  # labels carry no information
     assert knn_top1(train, shuffled, test, test_labels) < 0.5
+    # A small temperature: the single nearest neighbour (class 1, cosine 0.99) outvotes five of class 0
+    # at cosine 0.9; exp(sim / t) itself would overflow to inf for both and hand the vote to class 0.
+    angle = torch.tensor([0.99, 0.9, 0.9, 0.9, 0.9, 0.9]).acos()
+    points = torch.stack([angle.cos(), angle.sin()], 1)
+    for t in (0.1, 0.01, 0.005):
+        assert knn_top1(points, torch.tensor([1, 0, 0, 0, 0, 0]), torch.tensor([[1.0, 0.0]]), torch.tensor([1]),
+                        k=6, temperature=t) == (1.0 if t < 0.1 else 0.0), t
 
 
 def test_collapse_stats_of_one_row_is_not_a_collapse():

@@ -123,6 +123,17 @@ def test_unknown_method_is_a_one_line_error(tmp_path, synth_data):
         "swav, supcon, got 'simclrr'"]
 
 
+@pytest.mark.slow
+def test_a_wrong_label_key_stops_the_run_before_it_trains(tmp_path, synth_data):
+    cfg = write_config(tmp_path / "bad.toml", synth_data, tmp_path / "run")
+    proc = tandem("train", "--config", str(cfg), "--set", "method.name=simclr", "--set", "method.label_key=shapes")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tandem: error: no sample of the first 16 in {synth_data}/test/shard-00000.tar has "
+                           "'shapes' in its .json (method.label_key; the keys there: ") and "shape" in last, last
+    assert not (tmp_path / "run" / "checkpoints").exists() and "Traceback" not in proc.stderr
+
+
 def test_method_config_keys_are_checked():
     from training import config as config_mod
     from training.errors import UserError

@@ -231,6 +231,9 @@ class Config:
             (bool(self.data.train_shards), "data.train_shards is empty: name the training shards"),
             (self.method.name == "clip" or self.train.zero_stage < 3,
              "image-only methods support train.zero_stage 0, 1 or 2"),
+            (self.method.momentum == -1 or self.method.momentum_end >= self.method.momentum,
+             f"method.momentum_end {self.method.momentum_end} is below method.momentum {self.method.momentum}: "
+             "the cosine schedule rises from momentum to momentum_end"),
         ]
         for ok, message in checks:
             if not ok:
@@ -303,11 +306,12 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("method.temperature", *_at_least(0, "0: the paper's")),
     ("method.proj_hidden", *_at_least(1)),
     ("method.proj_dim", *_at_least(1)),
-    ("method.momentum", lambda value: value == -1 or 0 <= value <= 1, "in [0, 1], or -1 for the paper's"),
+    ("method.momentum", lambda value: value == -1 or 0 <= value < 1,
+     "in [0, 1) (at 1 the target never leaves its initial weights), or -1 for the paper's"),
     ("method.momentum_end", *_within(0, 1, "in [0, 1]")),
     ("method.queue_size", *_at_least(1)),
     ("method.barlow_lambda", *_at_least(0)),
-    ("method.prototypes", *_at_least(1)),
+    ("method.prototypes", *_at_least(2, "with one, every code is the same and the loss is 0")),
     ("method.sinkhorn_iters", *_at_least(1)),
     ("method.sinkhorn_epsilon", *_above(0)),
     ("method.freeze_prototypes_steps", *_at_least(0)),
@@ -373,6 +377,7 @@ def parse_override(text: str) -> dict[str, Any]:
         raise UserError(f"--set expects section.key=value, got '{text}'")
     path, value = text.split("=", 1)
     section, key = path.strip().split(".", 1)
+    value = value.strip()  # `key = value`, as in TOML: the spaces are not part of the value
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:

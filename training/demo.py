@@ -65,10 +65,29 @@ def _override_key(text: str) -> str:
     return text.partition("=")[0].strip()
 
 
-# Keys a demo fixes itself: it trains into OUT/run, evaluates that run's export, and runs the method
-# it was asked for (`tandem demo --method`).
+# Keys a demo fixes itself: it trains on its synthetic shards into OUT/run (OUT/run-<method>),
+# evaluates that run's export, and runs the method it was asked for (`tandem demo --method`).
+_SYNTHETIC = "the demo trains and evaluates on its synthetic shards"
 DEMO_OWNED = {"train.run_dir": "use --out", "train.export": "the demo evaluates the export",
-              "train.stop_at": "the demo evaluates a finished run", "method.name": "use --method"}
+              "train.stop_at": "the demo evaluates a finished run", "method.name": "use --method",
+              "data.train_shards": _SYNTHETIC, "data.val_shards": _SYNTHETIC, "data.classes": _SYNTHETIC}
+MARKER = ".tandem-demo"  # in an --out folder a demo has written to
+
+
+def claim_out(out: Path) -> None:
+    """Make ``out`` a demo folder: new, empty, or one a demo wrote (which a demo rewrites: its run of
+    the same method, its data, eval.json). A folder of anything else is refused, not overwritten."""
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not (out / "demo.toml").is_file():
+        raise UserError(f"--out {out} holds files that no tandem demo wrote: choose a new or empty folder "
+                        "(a demo replaces its run, data and eval.json there)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by tandem demo; a later demo may replace what is here\n")
+
+
+def run_name(method: str) -> str:
+    """The run folder of a demo under ``--out``: each method its own, so one demo leaves another's be."""
+    return "run" if method == "clip" else f"run-{method}"
 
 
 def demo_config(config: Path, overrides: list[str], nproc: int) -> config_mod.Config:
@@ -89,9 +108,11 @@ def demo_config(config: Path, overrides: list[str], nproc: int) -> config_mod.Co
 
 
 def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: int, test_samples: int,
-                       overrides: list[str], framing: str):
+                       overrides: list[str], framing: str, method: str = "clip"):
     """Generate (or reuse) the synthetic shards of ``framing`` under ``data_dir_for(OUT, framing)``, then
-    run ``tandem train`` with ``config`` (plus ``overrides``) on ``nproc`` local processes into ``OUT/run``.
+    run ``tandem train`` with ``config`` (plus ``overrides``) on ``nproc`` local processes into
+    ``OUT/run_name(method)``, its config written beside it as ``OUT/<that name>.toml`` (``demo.toml``
+    for CLIP).
 
     Returns (resolved config, run dir, exit status, training seconds).
     """
@@ -102,17 +123,21 @@ def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: in
         if key in DEMO_OWNED:
             raise UserError(f"tandem demo sets {key} itself ({DEMO_OWNED[key]}); `tandem train --config` "
                             "runs any config")
-    data_dir, run_dir = data_dir_for(out, framing), out / "run"
+    # A mistyped --set is reported before the data are generated (the shards' names come after).
+    config_mod.load(config, ['data.train_shards="synthetic"', *overrides]).validate()
+    data_dir, run_dir = data_dir_for(out, framing), out / run_name(method)
     ensure_dataset(data_dir, train_samples, test_samples, framing)
-    paths = [
-        f'data.train_shards="{data_dir}/train/shard-{{00000..{_last_shard(data_dir / "train")}}}.tar"',
-        f'data.val_shards="{data_dir}/test/shard-{{00000..{_last_shard(data_dir / "test")}}}.tar"',
-        f'data.classes="{data_dir}/classes.json"',
-        f'train.run_dir="{run_dir}"',
-    ]
+    values = {
+        "data.train_shards": f"{data_dir}/train/shard-{{00000..{_last_shard(data_dir / 'train')}}}.tar",
+        "data.val_shards": f"{data_dir}/test/shard-{{00000..{_last_shard(data_dir / 'test')}}}.tar",
+        "data.classes": str(data_dir / "classes.json"),
+        "train.run_dir": str(run_dir),
+    }
+    # JSON strings are TOML basic strings: a quote or backslash in --out stays itself
+    paths = [f"{key}={json.dumps(value)}" for key, value in values.items()]
     cfg = demo_config(config, paths + list(overrides), nproc)
     check_inputs(cfg)
-    config_file = out / "demo.toml"
+    config_file = out / ("demo.toml" if method == "clip" else f"{run_dir.name}.toml")
     config_file.write_text(config_mod.to_toml(cfg))
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.time()
@@ -126,6 +151,7 @@ def run_demo(out: Path, *, nproc: int, train_samples: int, test_samples: int, ov
     from training.evaluate import evaluate_export
 
     out = Path(out).resolve()
+    claim_out(out)
     cfg, run_dir, status, trained = train_on_synthetic(
         out, DEMO_CONFIG, nproc=nproc, train_samples=train_samples, test_samples=test_samples, overrides=overrides,
         framing=framing)

@@ -129,7 +129,8 @@ class MetricsLogger:
         self._show(step, values)
 
     def _show(self, step: int, values: dict[str, Any]) -> None:
-        summary = f"loss {values['loss']:.4f}  T {values['temperature']:.1f}  {values['samples_per_s']:.0f} samples/s"
+        temperature = f"  T {values['temperature']:.3g}" if "temperature" in values else ""
+        summary = f"loss {values['loss']:.4f}{temperature}  {values['samples_per_s']:.0f} samples/s"
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix_str(summary)

@@ -23,6 +23,7 @@ from training.errors import UserError
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 REQUIRED_KEYS = frozenset({"embed_dim", "vision_cfg", "text_cfg"})
 EXPORT_CONFIG_FILE = "open_clip_config.json"  # in an export: open_clip's local-dir: layout
+EXPORT_WEIGHTS_FILE = "open_clip_model.safetensors"  # beside it (open_clip falls back to random weights without)
 MODEL_CFG_FILE = "model_cfg.json"  # beside a run's checkpoints: what open_clip builds
 
 

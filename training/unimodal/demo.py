@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from training.demo import train_on_synthetic
+from training.demo import claim_out, train_on_synthetic
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -30,9 +30,10 @@ def run_method_demo(out: Path, method: str, *, nproc: int, train_samples: int, t
 
     start = time.time()
     out = Path(out).resolve()
+    claim_out(out)
     cfg, run_dir, status, trained_s = train_on_synthetic(
         out, method_config(method), nproc=nproc, train_samples=train_samples, test_samples=test_samples,
-        overrides=overrides, framing=framing)
+        overrides=overrides, framing=framing, method=method)
     if status != 0:
         return status
 
@@ -86,6 +87,7 @@ def _report(out: Path, run_dir: Path, r: dict) -> None:
     for key in ("knn_top1", "linear_top1"):
         print(f"  {key:14s} {r[key]:8.3f} {r[key + '_random_init']:12.3f} {r[key + '_random_init_precise_bn']:24.3f}")
     print("  (precise BN: the untrained weights with BatchNorm statistics recomputed on the training images)")
-    print(f"  collapse monitor: embedding std {r['embedding_std']:.3f}, effective rank {r['effective_rank']:.1f}")
+    if r["embedding_std"] is not None:  # none when the last logged batch had a single row
+        print(f"  collapse monitor: embedding std {r['embedding_std']:.3f}, effective rank {r['effective_rank']:.1f}")
     print(f"\n  run          {run_dir}  (config.toml, metrics.jsonl, eval.jsonl, checkpoints/, export/)")
     print(f"  eval.json    {out / 'eval.json'}")

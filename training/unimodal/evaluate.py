@@ -90,6 +90,23 @@ def recompute_batchnorm_stats(backbone: torch.nn.Module, shards: str, transform:
     return recalibrated.eval()
 
 
+def check_label_key(shards: str, label_key: str, transform: Callable, s3: S3Settings = S3Settings(),
+                    samples: int = 16) -> None:
+    """The first ``samples`` samples of ``shards``' first shard carry ``label_key`` in their ``.json``,
+    some of them at least: a wrong key is one line before training, not after it (every rank reads
+    the same samples, so every rank stops alike)."""
+    from training.errors import CollectiveError
+
+    first = expand_shards(shards)[:1]
+    spec = StreamSpec(urls=first, batch_size=samples, rank=0, world=1, workers=1, train=False, s3=s3)
+    batch = next(iter(make_loader(spec, transform, _no_text, None, in_process=True)), None)
+    metas = batch["meta"] if batch is not None else []
+    if not any(label_key in meta for meta in metas):
+        found = sorted({key for meta in metas for key in meta})
+        raise CollectiveError(f"no sample of the first {len(metas)} in {first[0]} has '{label_key}' in its .json "
+                              f"(method.label_key; the keys there: {', '.join(found) or 'none'})")
+
+
 def _loader(shards: str, transform: Callable, batch_size: int, s3: S3Settings):
     """This rank's share of ``shards`` in order, once, as ``{"image": [b, 3, H, W], "meta": ...}`` batches."""
     spec = StreamSpec(urls=expand_shards(shards), batch_size=batch_size, rank=distributed.rank(),
@@ -111,7 +128,10 @@ def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor
     correct = 0
     for start in range(0, test.shape[0], chunk):
         sims, idx = (test[start : start + chunk] @ train.T).topk(k, dim=1)  # [c, k]
-        votes = torch.zeros(sims.shape[0], classes).scatter_add_(1, train_labels[idx], (sims / temperature).exp())
+        # Each row's weights relative to its nearest neighbour: the same vote, and no overflow to inf
+        # (exp(sim / t) passes float32's range for t below about 0.0113).
+        weights = ((sims - sims[:, :1]) / temperature).exp()
+        votes = torch.zeros(sims.shape[0], classes).scatter_add_(1, train_labels[idx], weights)
         correct += int((votes.argmax(1) == test_labels[start : start + chunk]).sum())
     return correct / max(test.shape[0], 1)
 

@@ -42,7 +42,7 @@ class Method(nn.Module):
     """Backbone plus what the method adds."""
 
     name = ""
-    default_temperature = 0.1
+    default_temperature: float | None = None  # the paper's softmax temperature; None: the loss has none
     paper_momentum = float("nan")  # methods with a target network: the paper's base EMA momentum
     needs_labels = False
 
@@ -50,7 +50,7 @@ class Method(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
-        self.temperature = cfg.temperature or self.default_temperature
+        self.temperature = None if self.default_temperature is None else cfg.temperature or self.default_temperature
         self.base_momentum = cfg.momentum if cfg.momentum >= 0 else self.paper_momentum
         self.momentum = float("nan")  # the last EMA momentum, for the metrics (nan: no target)
 
@@ -224,6 +224,8 @@ class SwAV(Method):
     """Two global crops coded by Sinkhorn-Knopp, predicted from every other crop (multi-crop). With
     ``swav_queue``, earlier global-crop embeddings join the batch in Sinkhorn-Knopp (the paper's
     queue for small batches): equipartition over K prototypes needs many more than K rows."""
+
+    default_temperature = 0.1
 
     def __init__(self, backbone, dim, cfg):
         super().__init__(backbone, dim, cfg)

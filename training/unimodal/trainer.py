@@ -7,10 +7,10 @@ evaluation (kNN and linear probe instead of zero-shot) and export (the backbone 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from training.errors import CollectiveError
 from training.export import write_safetensors
 from training.model_config import image_side
 from training.trainer import Trainer
-from training.unimodal.evaluate import collapse_stats, evaluate_backbone, is_collapsed
+from training.unimodal.evaluate import check_label_key, collapse_stats, evaluate_backbone, is_collapsed
 from training.unimodal.methods import Method, build_method
 from training.unimodal.parts import create_backbone, ema_masters, restore_ema_masters, split_views
 from training.unimodal.transforms import MultiView, eval_transform, recipes
@@ -42,13 +42,32 @@ def crop_size(cfg: Config, model_cfg: dict[str, Any]) -> int:
 
 
 def label_tensor(metas: list[dict], key: str) -> torch.Tensor:
-    """Integer labels from the samples' metadata; a stable hash, so every rank agrees (-1: none)."""
-    return torch.tensor([zlib.crc32(str(m[key]).encode()) if key in m else -1 for m in metas], dtype=torch.long)
+    """Integer labels from the samples' metadata (-1: none): a stable 63-bit hash of the name, so every
+    rank agrees without a vocabulary; at 32 bits, two of 21k class names would share one 5% of the time."""
+    def hashed(name: str) -> int:
+        return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") >> 1
+
+    return torch.tensor([hashed(str(m[key])) if key in m else -1 for m in metas], dtype=torch.long)
+
+
+def check_method_layout(cfg: Config, world: int) -> None:
+    """The settings that depend on the number of processes: every rank finds the same."""
+    m, global_batch = cfg.method, cfg.data.batch_size * world
+    if m.name == "swav" and m.swav_queue % world:
+        raise CollectiveError(f"method.swav_queue {m.swav_queue} must be a multiple of the {world} processes: each "
+                              "scores an equal share of the queue (0: none)")
+    if m.name == "barlow_twins" and global_batch < 2:
+        raise CollectiveError("barlow_twins standardises each dimension over the global batch: it needs at least 2 "
+                              f"samples, and data.batch_size {cfg.data.batch_size} x {world} process(es) is 1")
+    if m.name == "moco" and m.queue_size < 2 * global_batch and distributed.is_main():
+        log.warning("method.queue_size %d holds less than one step's keys (2 views x global batch %d): each step "
+                    "keeps only its newest %d", m.queue_size, global_batch, m.queue_size)
 
 
 class UnimodalTrainer(Trainer):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
+        check_method_layout(cfg, distributed.world_size())
         m = cfg.method
         self.crop = crop_size(cfg, self.model_cfg)
         self.train_transform = MultiView(recipes(m.name, self.crop, m.crop_min_scale, m.small_crops))
@@ -96,7 +115,7 @@ class UnimodalTrainer(Trainer):
                         unlabelled, everyone, self.step + 1, key)
             self.unlabelled_warned = True
         first = distributed.rank() * len(labels)
-        own = -1 - (first + torch.arange(len(labels)))  # negative, so never a crc32 label
+        own = -1 - (first + torch.arange(len(labels)))  # negative, so never a hashed label
         return torch.where(missing, own, labels).to(self.device)
 
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -108,9 +127,11 @@ class UnimodalTrainer(Trainer):
 
     def _model_metrics(self) -> dict[str, float]:
         """Temperature, the collapse monitor and (for methods with a target network) the momentum."""
+        temperature = self.engine.module.temperature  # BYOL, SimSiam and Barlow Twins have none
+        fixed = {"temperature": temperature} if temperature is not None else {}
         stats = collapse_stats(distributed.all_gather(self.last_embedding))
         if math.isnan(stats["embedding_std"]):  # one row: no spread to measure
-            return {"temperature": self.engine.module.temperature}
+            return fixed
         collapsed = is_collapsed(stats, self.cfg.method.collapse_threshold)
         if collapsed and not self.collapse_warned and distributed.is_main():
             log.warning("collapse: embedding std %.3f (threshold %.3f), effective rank %.2f at step %d",
@@ -118,11 +139,16 @@ class UnimodalTrainer(Trainer):
         self.collapse_warned |= collapsed
         momentum = self.engine.module.momentum
         return {
-            "temperature": self.engine.module.temperature,
+            **fixed,
             **stats,
             "collapsed": int(collapsed),
             **({"momentum": momentum} if momentum == momentum else {}),  # nan: the method has no target
         }
+
+    def fit(self) -> dict[str, float]:
+        if self.cfg.data.val_shards:  # the evaluations' labels, checked before the run trains for them
+            check_label_key(self.cfg.data.val_shards, self.cfg.method.label_key, self.eval_transform, self.s3)
+        return super().fit()
 
     def evaluate(self) -> dict[str, float]:
         data, m = self.cfg.data, self.cfg.method

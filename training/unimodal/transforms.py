@@ -83,10 +83,13 @@ def recipes(method: str, size: int, min_scale: float = 0.0, small_crops: int = 2
                 + [ViewRecipe(small, min(0.05, scale / 2), scale, jitter=jitter)] * small_crops)
     if method in ("simclr", "supcon"):
         # SimCLR's small-image (CIFAR) recipe: colour distortion strength 0.5, no blur. (Strength 1,
-        # its ImageNet value, leaves too little to match on these tiny images in a short run.)
-        return [ViewRecipe(size, min_scale or 0.08, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.0)] * 2
-    # MoCo v2 (and SimSiam, which reuses it): SimCLR's recipe with jitter (0.4, 0.4, 0.4, 0.1).
-    return [ViewRecipe(size, min_scale or 0.08)] * 2
+        # its ImageNet value, leaves too little to match on these tiny images in a short run.) SupCon's
+        # code crops from 0.2 of the area, SimCLR's from 0.08.
+        scale = min_scale or (0.2 if method == "supcon" else 0.08)
+        return [ViewRecipe(size, scale, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.0)] * 2
+    # MoCo v2 (and SimSiam, which reuses it): SimCLR's recipe with jitter (0.4, 0.4, 0.4, 0.1), crops
+    # from 0.2 of the area as both papers' code has them.
+    return [ViewRecipe(size, min_scale or 0.2)] * 2
 
 
 def eval_transform(size: int) -> T.Compose:
