@@ -277,6 +277,20 @@ def test_model_names_resolve_as_open_clip_resolves_them():
     assert named_model_config("ViT-Q-99") is None
 
 
+def test_model_configs_that_cannot_build_are_one_line(tmp_path, synth_data):
+    from training.config import ModelConfig
+    from training.model_config import resolve_model_config
+
+    # offline, as CI is: the hub client's retries would take half a minute otherwise
+    proc = tandem("train", "--set", f'data.train_shards="{synth_data}/train/shard-00000.tar"',
+                  "--set", "model.name=hf-hub:nobody/nothing", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "tandem: error: cannot read the config of hf-hub:nobody/nothing ("), proc.stderr[-2000:]
+    (tmp_path / "m.json").write_text(json.dumps({"embed_dim": 8, "vision_cfg": {"layers": 2}, "text_cfg": {}}))
+    with pytest.raises(UserError, match="needs vision_cfg.image_size"):
+        resolve_model_config(ModelConfig(name=str(tmp_path / "m.json")))
+
+
 def test_processes_per_node_follow_the_gpus():
     """On a GPU node each local process takes the GPU of its LOCAL_RANK: the demo starts one per GPU
     (at most 2), and asking for more processes than GPUs is a one-line error, not a CUDA crash in rank 1."""
@@ -429,3 +443,45 @@ def test_open_clip_towers_take_only_their_own_image_size(tmp_path, synth_data):
         check_inputs(load(None, [*common, 'method.name="byol"', "method.image_size=24"]))
     check_inputs(load(None, [f'data.train_shards="{synth_data}/train/shard-{{00000..00003}}.tar"',
                              'method.name="swav"', "method.image_size=24"]))  # tandem-tiny's tower is timm's
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"RANK": "0"}, "RANK is set but WORLD_SIZE is not"),
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK must be a whole number >= 0, got 'abc'"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK must be a whole number"),
+    ({"RANK": "2", "WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "RANK 2 is not below WORLD_SIZE 1"),
+    ({"RANK": "0", "WORLD_SIZE": "1"}, "MASTER_ADDR and MASTER_PORT are not"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}, "MASTER_PORT is not"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "99999"}, "MASTER_PORT must be a port"),
+])
+def test_launch_variables_are_checked_before_any_rendezvous(env, needle):
+    from training.distributed import check_launch_env
+
+    with pytest.raises(UserError, match=needle):
+        check_launch_env(env)
+    check_launch_env({})  # a single process sets none
+    check_launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"})
+
+
+def test_torchrun_arguments_that_would_hang_or_trace_are_one_line():
+    from training.torchrun import check_arguments
+
+    tail = ["--nproc-per-node", "1", "-m", "training.cli", "train"]
+    assert check_arguments(["--nnodes", "2", "--node-rank", "1", "--master-port", "29500", *tail]) is None
+    assert "--master-port must be a port number in 1..65535, got 99999" in check_arguments(
+        ["--master-port", "99999", *tail])
+    assert "--node-rank 3 is not below --nnodes 1" in check_arguments(["--nnodes", "1", "--node-rank", "3", *tail])
+    # a malformed RANK does not break the logging set-up of a command that never launches
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "data", "synth", "--out", "/dev/null/x"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RANK": "abc"}, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "tandem: error: --out /dev/null/x cannot be written: /dev/null is not a writable folder"], proc.stderr[-2000:]
+
+
+def test_a_path_the_system_refuses_is_one_line(tmp_path, capsys):
+    from training.cli import main
+
+    long = tmp_path / ("a" * 300)
+    for args in (["export", "--run", str(long)], ["train", "--config", f"{long}.toml"], ["demo", "--out", str(long)]):
+        assert main(args) == 2, args
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("tandem: error: File name too long: "), args

@@ -109,6 +109,7 @@ def test_settings_that_depend_on_the_processes():
     ("method.momentum=1.5", "method.momentum must be in [0, 1) (at 1 the target never leaves"),
     ("method.momentum=1", "method.momentum must be in [0, 1) (at 1 the target never leaves"),
     ("method.momentum=-0.5", "method.momentum must be in [0, 1) (at 1 the target never leaves"),
+    ("model.context_length=100000", "model.context_length must be in [0, 4096]"),
     ("method.prototypes=1", "method.prototypes must be >= 2 (with one, every code is the same"),
     ("method.queue_size=0", "method.queue_size must be >= 1"),
     ("method.sinkhorn_epsilon=0", "method.sinkhorn_epsilon must be > 0"),

@@ -6,6 +6,7 @@ Each command parses, builds and runs; a user's mistake (``UserError``) prints on
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -141,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", 0))
+    text = os.environ.get("RANK", "0").strip()
+    rank = int(text) if text.isdigit() else 0  # a malformed RANK is reported by distributed.init, in one line
     prefix = "[tandem] " if rank == 0 else f"[tandem rank {rank}] "
     logging.basicConfig(level=logging.WARNING, format=prefix + "%(message)s")
     for ours in ("training", "data", "serving"):
@@ -311,9 +313,21 @@ def main(argv: list[str] | None = None) -> int:
         if not (isinstance(error, CollectiveError) and os.environ.get("LOCAL_RANK", "0") != "0"):
             print(f"tandem: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in _PATH_ERRNOS:
+            raise
+        # A path the user gave that the system refuses (too long, read-only, not a folder ...): the
+        # checks cannot foresee every one, and the system's own words say it.
+        where = f": {error.filename}" if error.filename else ""
+        print(f"tandem: error: {error.strerror}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("tandem: interrupted", file=sys.stderr)
         return 130
+
+
+_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                errno.ENOSPC, errno.ELOOP}
 
 
 if __name__ == "__main__":

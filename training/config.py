@@ -277,7 +277,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.workers", *_at_least(0)),
     ("data.shuffle_buffer", *_at_least(0)),
     ("data.s3_retry_seconds", *_at_least(0)),
-    ("model.context_length", *_at_least(0, "0 keeps the model's")),
+    ("model.context_length", *_within(0, 4096, "in [0, 4096] (0 keeps the model's)")),
     ("model.hf_pooler", *_one_of(HF_POOLERS)),
     ("loss.impl", *_one_of(LOSS_IMPLS)),
     ("loss.tile_size", *_at_least(1)),

@@ -125,6 +125,7 @@ def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: in
                             "runs any config")
     # A mistyped --set is reported before the data are generated (the shards' names come after).
     config_mod.load(config, ['data.train_shards="synthetic"', *overrides]).validate()
+    claim_out(out)
     data_dir, run_dir = data_dir_for(out, framing), out / run_name(method)
     ensure_dataset(data_dir, train_samples, test_samples, framing)
     values = {
@@ -151,7 +152,6 @@ def run_demo(out: Path, *, nproc: int, train_samples: int, test_samples: int, ov
     from training.evaluate import evaluate_export
 
     out = Path(out).resolve()
-    claim_out(out)
     cfg, run_dir, status, trained = train_on_synthetic(
         out, DEMO_CONFIG, nproc=nproc, train_samples=train_samples, test_samples=test_samples, overrides=overrides,
         framing=framing)

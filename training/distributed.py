@@ -64,15 +64,40 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init(timeout_s: float | None = None) -> None:
-    """Join (or form) the process group: NCCL on GPU, gloo on CPU."""
-    if is_initialized():
-        return
-    partial = [k for k in ("RANK", "WORLD_SIZE") if k in os.environ]
+def check_launch_env(env) -> None:
+    """The variables a launcher sets, read before any rendezvous: a mistake there otherwise surfaces
+    as torch's traceback (a port out of range), an import of mpi4py (no MASTER_ADDR), or a wait until
+    the timeout (a rank outside the world)."""
+    partial = [k for k in ("RANK", "WORLD_SIZE") if k in env]
     if len(partial) == 1:
         other = "WORLD_SIZE" if partial == ["RANK"] else "RANK"
         raise UserError(f"{partial[0]} is set but {other} is not: a multi-process launch sets RANK, WORLD_SIZE, "
                         "MASTER_ADDR and MASTER_PORT for every process (torchrun does), a single process none of them")
+    numbers = {}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        if key in env:
+            text = env[key].strip()
+            if not text.isdigit():
+                raise UserError(f"{key} must be a whole number >= 0, got {env[key]!r}")
+            numbers[key] = int(text)
+    if not partial:
+        return
+    if not 0 <= numbers["RANK"] < numbers["WORLD_SIZE"]:
+        raise UserError(f"RANK {numbers['RANK']} is not below WORLD_SIZE {numbers['WORLD_SIZE']}: ranks are "
+                        "numbered 0 .. WORLD_SIZE - 1")
+    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if not env.get(key, "").strip()]
+    if missing:
+        raise UserError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                        "not: every process of a launch needs the address and port of rank 0")
+    if not 1 <= numbers["MASTER_PORT"] <= 65535:
+        raise UserError(f"MASTER_PORT must be a port number in 1..65535, got {numbers['MASTER_PORT']}")
+
+
+def init(timeout_s: float | None = None) -> None:
+    """Join (or form) the process group: NCCL on GPU, gloo on CPU."""
+    if is_initialized():
+        return
+    check_launch_env(os.environ)
     if not timeout_s:
         text = os.environ.get("TANDEM_DIST_TIMEOUT_S", "600")
         try:

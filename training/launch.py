@@ -81,4 +81,6 @@ def run_local(nproc: int, argv: list[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 130 if interrupted else code
+    if interrupted:
+        return 130
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + N, not sys.exit(-N)

@@ -52,7 +52,11 @@ def named_model_config(name: str) -> dict[str, Any] | None:
     if name.startswith("hf-hub:"):
         import open_clip
 
-        return open_clip.get_model_config(name)
+        try:  # from the local Hugging Face cache: nothing can be downloaded at run time
+            return open_clip.get_model_config(name)
+        except Exception as error:  # noqa: BLE001 - the hub client raises many unrelated types
+            raise UserError(f"cannot read the config of {name} ({type(error).__name__}): hf-hub: names need the "
+                            "model in the local Hugging Face cache, or use an export folder or a config .json") from None
     for folder in filter(None, (CONFIG_DIR, _open_clip_config_dir())):
         path = folder / f"{name}.json"
         model_cfg = read_model_config(path) if path.is_file() else None
@@ -78,6 +82,9 @@ def resolve_model_config(cfg: ModelConfig) -> dict[str, Any]:
     model_cfg = copy.deepcopy(model_cfg)
     if not isinstance(model_cfg, dict) or not REQUIRED_KEYS <= set(model_cfg):
         raise UserError(f"model config '{cfg.name}' needs embed_dim, vision_cfg and text_cfg")
+    vision = model_cfg["vision_cfg"]
+    if not isinstance(vision, dict) or not isinstance(vision.get("image_size"), (int, list, tuple)):
+        raise UserError(f"model config '{cfg.name}' needs vision_cfg.image_size (the image side in pixels)")
     if cfg.hf_text_model:
         model_cfg["text_cfg"] = _hf_text_cfg(cfg, model_cfg["text_cfg"])
     if cfg.context_length:

@@ -23,6 +23,9 @@ def main() -> int:
 
     # The agent's own "failed (exitcode: 2) local_rank: 0 ..." lines repeat what the line below says.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if mistake := check_arguments(sys.argv[1:]):
+        print(f"tandem: error: {mistake}", file=sys.stderr)
+        return USER_ERROR
     try:
         torchrun(sys.argv[1:])
     except ChildFailedError as error:
@@ -38,6 +41,22 @@ def main() -> int:
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     return 0
+
+
+def check_arguments(argv: list[str]) -> str | None:
+    """What is wrong with torchrun's arguments (after the environment's ``PET_*`` defaults), or None:
+    a port out of range is torch's traceback, and a node rank outside ``--nnodes`` waits forever at
+    the rendezvous for nodes that never come."""
+    from torch.distributed.run import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    if args.master_port is not None and not 0 < args.master_port <= 65535:
+        return f"--master-port must be a port number in 1..65535, got {args.master_port}"
+    nnodes = str(args.nnodes)
+    most = int(nnodes.split(":")[-1]) if nnodes.replace(":", "").isdigit() else None
+    if most is not None and not 0 <= args.node_rank < most:
+        return f"--node-rank {args.node_rank} is not below --nnodes {nnodes}: nodes are numbered 0 .. nnodes - 1"
+    return None
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from training.demo import claim_out, train_on_synthetic
+from training.demo import train_on_synthetic
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -30,7 +30,6 @@ def run_method_demo(out: Path, method: str, *, nproc: int, train_samples: int, t
 
     start = time.time()
     out = Path(out).resolve()
-    claim_out(out)
     cfg, run_dir, status, trained_s = train_on_synthetic(
         out, method_config(method), nproc=nproc, train_samples=train_samples, test_samples=test_samples,
         overrides=overrides, framing=framing, method=method)
