@@ -1,15 +1,19 @@
-"""High-bit-depth images (16-bit greyscale PNG, 32-bit integer or float TIFF) scaled to 8 bits.
+"""Decoded images made ready for RGB: high-bit-depth ones scaled to 8 bits, turned ones set upright.
 
-PIL's ``convert("RGB")`` clips such pixels at 255 instead of scaling them, so a 16-bit image comes
-out almost all white in both the loader and the shard writer.
+PIL's ``convert("RGB")`` clips high-bit-depth pixels (16-bit greyscale PNG, 32-bit integer or float
+TIFF) at 255 instead of scaling them, so a 16-bit image comes out almost all white in both the loader
+and the shard writer. A camera's JPEG often stores its pixels sideways with an EXIF orientation tag;
+``tandem data shards`` applies it when it writes a shard, and the loader (``upright``) when it reads
+one whose images kept the tag (written by another tool), so every shard shows the picture upright.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+ORIENTATION = 0x0112  # the EXIF tag; 1 is upright, 2-8 a flip or a turn
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -27,5 +31,16 @@ def to_8bit(image: Image.Image) -> Image.Image:
     elif image.mode == "F" and pixels.size and pixels.max() <= 1.0:
         pixels = pixels * 255.0
     out = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
-    out.info = dict(image.info)  # keeps the EXIF orientation for exif_transpose
+    out.info = dict(image.info)  # keeps the EXIF orientation for exif_transpose (``upright``)
     return out
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` flipped or turned as its EXIF orientation says, else ``image`` itself.
+
+    Reading the tag costs microseconds; ``exif_transpose`` copies the pixels (even of an upright
+    image), so only an image that needs turning pays for it.
+    """
+    if image.getexif().get(ORIENTATION, 1) not in range(2, 9):
+        return image
+    return ImageOps.exif_transpose(image)

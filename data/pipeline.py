@@ -16,19 +16,28 @@ A resumed run given that state re-reads only the current epoch of each source up
 already taken (without decoding them) and continues with exactly the batches an uninterrupted run
 would have seen. A plain count for a cursor (older checkpoints) replays from ``start_epoch``.
 
-A slot that reads nothing in an epoch (its shards happen to be the broken ones) warns and moves on;
-only data where no shard holds a sample is an error. A ``UserError`` in a DataLoader worker reaches
-the caller as its own one line, not wrapped in the worker's traceback.
+Every batch's ``resume`` also holds the stream's layout (shuffle buffer, a fingerprint of each
+source's shard list): a resume whose layout differs would re-read the epoch differently, so it starts
+the next epoch instead (``restart_epoch`` in the cursor, else one past the cursor's own).
+
+A slot that reads nothing in an epoch (its shards happen to be the broken ones), or nothing usable
+(every sample skipped), warns and moves on; only data where no shard holds a (usable) sample is an
+error, since an endless stream would otherwise read epoch after epoch and never fill a batch. A
+``UserError`` in a DataLoader worker reaches the caller as its own one line, not wrapped in the
+worker's traceback.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import json
 import logging
 import random
 import tarfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -37,7 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from data.modes import to_8bit
+from data.modes import to_8bit, upright
 from data.s3 import S3Settings, StoreError
 from data.shards import open_shard
 from training.errors import UserError
@@ -47,10 +56,20 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _WARN_LIMIT = 10  # per worker; after that only the counts are reported
 _MIX_BLOCK = 4096  # source draws per seed of the mix, so a resume skips at most this many draws
+# Samples read per shard by the probe for a usable one, after a slot's whole epoch had none: enough
+# to find one in a shard that is partly bad, few enough to probe thousands of shards before failing.
+_PROBE_SAMPLES = 16
+NO_IMAGE = "no image (.jpg, .jpeg, .png or .webp)"
+NO_CAPTION = "no caption (.txt)"
 
 
 class SkipSample(Exception):
-    """A sample that cannot be used (undecodable image, missing caption)."""
+    """A sample that cannot be used (undecodable image, missing caption). ``kind`` is the reason
+    without the sample's own detail, so that reasons can be counted."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind} ({detail})" if detail else kind)
+        self.kind = kind
 
 
 @dataclass
@@ -86,16 +105,19 @@ def _mix(*parts: Any) -> int:
 
 
 def decode_image(data: bytes, size: int | None) -> Image.Image:
-    """Decode to RGB; JPEGs decode at the smallest DCT scale still >= ``size`` (draft mode)."""
+    """Decode to RGB, upright as its EXIF orientation says; JPEGs decode at the smallest DCT scale
+    still >= ``size`` (draft mode)."""
     try:
         image = Image.open(io.BytesIO(data))
         if size and image.format == "JPEG":
             image.draft("RGB", (size, size))
         image.load()
-        image = to_8bit(image)
+        image = upright(to_8bit(image))
         return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise SkipSample(f"undecodable image ({error})") from None
+    # PIL's format plugins raise a zoo of exception types on corrupt data (a fuzzed TIFF: TypeError);
+    # every one of them means this sample is unusable, never that the run should end
+    except Exception as error:  # noqa: BLE001
+        raise SkipSample("undecodable image", f"{type(error).__name__}: {error}") from None
 
 
 def decode_meta(sample: dict[str, Any]) -> dict[str, Any]:
@@ -110,10 +132,10 @@ def decode_meta(sample: dict[str, Any]) -> dict[str, Any]:
 def decode_sample(sample: dict[str, Any], size: int | None) -> tuple[Image.Image, str]:
     image_bytes = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if image_bytes is None:
-        raise SkipSample("no image")
+        raise SkipSample(NO_IMAGE)
     caption = sample.get("txt")
     if caption is None:
-        raise SkipSample("no caption")
+        raise SkipSample(NO_CAPTION)
     try:
         caption = caption.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -123,14 +145,54 @@ def decode_sample(sample: dict[str, Any], size: int | None) -> tuple[Image.Image
     return decode_image(image_bytes, size), caption
 
 
+def _fingerprint(urls: list[str]) -> str:
+    """A stable digest of a shard list (its order too: the per-epoch shuffle permutes the list)."""
+    return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
+
+
+def _hint(reasons: Counter) -> str:
+    """What to do about data whose samples were all skipped for these reasons."""
+    if NO_IMAGE in reasons and NO_CAPTION in reasons:  # images and captions each a sample of their own
+        return ("; a sample's image and caption must lie next to each other in the tar under one key (tar "
+                "the files sorted by name, not by extension, or write the shards with `tandem data shards`)")
+    if NO_CAPTION in reasons:
+        return "; every sample needs a .txt caption beside its image, under the same key"
+    return ""
+
+
+@dataclass
+class _Tally:
+    """One source's samples in a slot's current epoch: how many were decoded, how many were usable,
+    and why the rest were skipped."""
+
+    judged: int = 0
+    usable: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+
 class _Counter:
-    """Per-worker count of skipped samples and broken shards, reported with each batch."""
+    """Per-worker count of skipped samples and broken shards, reported with each batch, and the
+    tally of each source's current epoch."""
 
     def __init__(self) -> None:
         self.pending = 0
         self.warned = 0
+        self.muted = 0
+        """While above 0 (a resume re-reading samples that the run before it took), skips are not counted:
+        that run counted them already."""
+        self.epochs: dict[int, _Tally] = {}
+
+    def judged(self, source: int, skipped: SkipSample | None) -> None:
+        tally = self.epochs.setdefault(source, _Tally())
+        tally.judged += 1
+        if skipped is None:
+            tally.usable += 1
+        else:
+            tally.reasons[skipped.kind] += 1
 
     def skip(self, what: str, reason: str) -> None:
+        if self.muted:
+            return
         self.pending += 1
         if self.warned < _WARN_LIMIT:
             self.warned += 1
@@ -157,6 +219,11 @@ class ShardStream(IterableDataset):
         self.image_size = image_size
         self._readable: dict[int, bool] = {}
         """Per source: whether any shard holds a sample (probed once per worker, when a slot reads none)."""
+        self._usable: dict[int, bool] = {}
+        """Per source: whether any shard holds a usable sample (probed once per worker, when a slot's
+        epoch had none)."""
+        self.layout = {"shuffle_buffer": spec.shuffle_buffer, "shards": [_fingerprint(u) for u in self._sources()]}
+        """What a resume must share with the checkpoint's run to continue its epoch (saved in ``resume``)."""
 
     def _role(self) -> int:
         info = get_worker_info()
@@ -213,6 +280,46 @@ class ShardStream(IterableDataset):
         log.warning("none of the %d shards read in epoch %d (%s) held a readable sample; other shards do, "
                     "so reading goes on with the next epoch", len(shards), epoch, ", ".join(shards[:3]))
 
+    def _nothing_usable(self, urls: list[str], role: int, source: int, epoch: int, tally: _Tally) -> None:
+        """A slot's epoch whose samples were all skipped: an error unless some shard holds a usable one."""
+        if source not in self._usable:  # once per source and worker: the probe stops at the first usable one
+            self._usable[source] = any(self._usable_in(url) for url in urls)
+        shards, _, _ = self._shards(urls, role, epoch, source)
+        where = f"{', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}"
+        reasons = ", ".join(f"{count} {kind}" for kind, count in tally.reasons.most_common(2))
+        if not self._usable[source]:
+            raise UserError(f"no usable sample in an epoch of {tally.judged} read from {len(shards)} "
+                            f"shard{'s' if len(shards) > 1 else ''} ({where}): {reasons}{_hint(tally.reasons)}")
+        log.warning("none of the %d samples read in epoch %d (%s) was usable (%s); other shards hold usable "
+                    "ones, so reading goes on with the next epoch", tally.judged, epoch, where, reasons)
+
+    def _usable_in(self, url: str) -> bool:
+        """Whether one of the shard's first samples decodes and transforms."""
+        quiet = _Counter()
+        quiet.muted = 1  # a damaged shard is no usable sample, and not the batches' skip count either
+        source = open_shard(url, self.spec.s3)
+        with source["stream"]:
+            samples = group_by_keys(tar_file_expander([source], handler=quiet.tar_error), handler=quiet.tar_error)
+            for sample in itertools.islice(samples, _PROBE_SAMPLES):
+                try:
+                    self._decode(sample, None)
+                    return True
+                except SkipSample:
+                    continue
+        return False
+
+    def _decode(self, sample: dict[str, Any], seed: int | None) -> tuple[torch.Tensor, str]:
+        """(transformed image, caption); ``seed`` (training) seeds the augmentation."""
+        image, caption = decode_sample(sample, self.image_size)
+        if seed is not None:
+            # the CPU generator alone: torch.manual_seed also seeds (lazily, formatting a stack trace
+            # each call) every CUDA device, which cost more than decoding the JPEG
+            torch.default_generator.manual_seed(seed)
+        try:
+            return self.transform(image), caption
+        except Exception as error:  # noqa: BLE001 - a size or mode the transform's ops refuse
+            raise SkipSample("image transform failed", f"{type(error).__name__}: {error}") from None
+
     def _shuffled(self, samples: Iterator[dict], role: int, source: int, epoch: int) -> Iterator[dict]:
         """One epoch through a shuffle buffer of its own (the sources share ``shuffle_buffer``)."""
         size = self.spec.shuffle_buffer // len(self._sources())
@@ -236,11 +343,21 @@ class ShardStream(IterableDataset):
         already taken), epoch after epoch (one epoch when evaluating)."""
         epoch, taken = start
         while True:
+            counter.epochs[source] = tally = _Tally()
+            counter.muted += bool(taken)
             samples = self._shuffled(self._epoch(urls, role, source, epoch, counter), role, source, epoch)
+            offset = 0
             for offset, sample in enumerate(samples, 1):
+                if offset == taken:  # what is read from here on, the run before this one never read
+                    counter.muted -= 1
                 if offset > taken:  # a resume reads the taken ones again, without decoding them
                     sample.update(__source__=source, __epoch__=epoch, __offset__=offset)
                     yield sample
+            if offset < taken:  # the epoch ended before the samples taken (its shards were rewritten)
+                counter.muted -= 1
+            # every sample of the epoch was decoded here (none skipped by a resume) and none was usable
+            if not taken and offset and tally.judged == offset and not tally.usable:
+                self._nothing_usable(urls, role, source, epoch, tally)
             if not self.spec.train:
                 return
             epoch, taken = epoch + 1, 0
@@ -267,12 +384,32 @@ class ShardStream(IterableDataset):
         if not isinstance(cursor, dict):
             return 0, fresh, int(cursor)
         starts = [(int(epoch), int(taken)) for epoch, taken in cursor["sources"]]
-        if len(starts) == count:
+        changed = "the number of data sources" if len(starts) != count else self._layout_change(cursor)
+        if not changed:
             return int(cursor["position"]), starts, 0
-        epoch = max(epoch for epoch, _ in starts) + 1
-        log.warning("the number of data sources changed since the checkpoint: reading resumes at the start of "
-                    "epoch %d", epoch)
+        # the run-wide next epoch (every role starts the same one), or one past this role's own
+        epoch = int(cursor.get("restart_epoch", max(epoch for epoch, _ in starts) + 1))
+        if self.spec.rank == 0 and role == 0:  # one line per run, not one per worker
+            log.warning("%s changed since the checkpoint: data resumes at the start of epoch %d (the rest of the "
+                        "interrupted epoch is skipped, no sample repeats within an epoch)", changed, epoch)
         return int(cursor["position"]), [(epoch, 0)] * count, 0
+
+    def _layout_change(self, cursor: dict) -> str:
+        """What changed in the stream's layout since the cursor was saved, "" if nothing did.
+
+        A cursor without a layout (from a version that saved none) counts as unchanged: the config
+        is almost always the one the run had, and counting it as changed would cost every run resumed
+        across the upgrade the rest of its epoch.
+        """
+        saved = cursor.get("layout")
+        if not isinstance(saved, dict):
+            return ""
+        changes = []
+        if saved.get("shuffle_buffer") != self.layout["shuffle_buffer"]:
+            changes.append(f"data.shuffle_buffer ({saved.get('shuffle_buffer')} -> {self.layout['shuffle_buffer']})")
+        if saved.get("shards") != self.layout["shards"]:
+            changes.append("the list of shards")
+        return " and ".join(changes)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
@@ -288,24 +425,26 @@ class ShardStream(IterableDataset):
         position, starts, skip = self._start(role)
         state = [list(start) for start in starts]
         stream = self._raw(role, counter, position, starts)
-        for _ in range(skip):  # an old-style cursor: replay without decoding
+        counter.muted += 1  # an old-style cursor: replay without decoding (or counting skips again)
+        for _ in range(skip):
             sample = next(stream)
             state[sample["__source__"]] = [sample["__epoch__"], sample["__offset__"]]
             position += 1
+        counter.muted -= 1
         batch: list[tuple] = []
         for sample in stream:
             position += 1
             state[sample["__source__"]] = [sample["__epoch__"], sample["__offset__"]]
+            # augmentation depends only on the sample's place in the stream
+            seed = _mix(self.spec.seed, "augment", self.spec.rank, role, position) if self.spec.train else None
             try:
-                image, caption = decode_sample(sample, self.image_size)
+                image, caption = self._decode(sample, seed)
             except SkipSample as reason:
+                counter.judged(sample["__source__"], reason)
                 counter.skip(f"sample {sample.get('__key__')} of {sample.get('__url__')}", str(reason))
                 continue
-            if self.spec.train:  # augmentation depends only on the sample's place in the stream
-                # the CPU generator alone: torch.manual_seed also seeds (lazily, formatting a stack
-                # trace each call) every CUDA device, which cost more than decoding the JPEG
-                torch.default_generator.manual_seed(_mix(self.spec.seed, "augment", self.spec.rank, role, position))
-            batch.append((self.transform(image), caption, sample["__key__"], decode_meta(sample)))
+            counter.judged(sample["__source__"], None)
+            batch.append((image, caption, sample["__key__"], decode_meta(sample)))
             if len(batch) == self.spec.batch_size:
                 yield self._collate(batch, role, position, state, counter.take(), sample["__epoch__"])
                 batch = []
@@ -323,7 +462,7 @@ class ShardStream(IterableDataset):
             "meta": list(metas),
             "role": role,
             "cursor": position,
-            "resume": {"position": position, "sources": [list(s) for s in state]},
+            "resume": {"position": position, "sources": [list(s) for s in state], "layout": self.layout},
             "epoch": epoch,
             "skipped": skipped,
         }

@@ -135,6 +135,17 @@ REASONS = {
                     "the object changed while it was being read (it was overwritten mid-shard)"),
 }
 _FATAL_CODES = {*REASONS, "InvalidBucketName"}  # what no retry changes
+# 4xx answers that a later try can pass (botocore's standard retry mode's transient and throttling
+# codes): S3 answers a request it gave up waiting on with 400 RequestTimeout, throttling with 400s too.
+# Every other 4xx (InvalidObjectState, AllAccessDisabled, InvalidArgument ...) is the same next time.
+_RETRY_CODES = {
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "Throttling", "ThrottlingException",
+    "ThrottledException", "RequestThrottledException", "TooManyRequestsException", "RequestThrottled",
+    "ProvisionedThroughputExceededException", "TransactionInProgressException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "LimitExceededException", "SlowDown", "EC2ThrottledException",
+}
+_RETRY_STATUSES = (408, 429)  # Request Timeout, Too Many Requests
+_MOVED = 301  # PermanentRedirect: the bucket answers at another endpoint or region, every time
 NO_CREDENTIALS = ("no credentials found (set data.s3_access_key_id and data.s3_secret_access_key, or "
                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
 
@@ -144,7 +155,25 @@ def fatal_reason(error: Exception) -> str:
     if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
         return NO_CREDENTIALS if isinstance(error, NoCredentialsError) else f"{error} (check the credentials)"
     code = error_code(error)
-    return REASONS.get(code, code) if code in _FATAL_CODES else ""
+    if code in _FATAL_CODES:
+        return REASONS.get(code, code)
+    status = _status(error)
+    refused = status == _MOVED or 400 <= status < 500 and status not in _RETRY_STATUSES
+    return _refusal(error, code, status) if refused and code not in _RETRY_CODES else ""
+
+
+def _status(error: Exception) -> int:
+    """The HTTP status of a ``ClientError``'s answer, 0 for any other error."""
+    if not isinstance(error, ClientError):
+        return 0
+    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _refusal(error: ClientError, code: str, status: int) -> str:
+    """A refusal in one line: its code, status and the store's message (which says what to do)."""
+    named = f"{code} (HTTP {status})" if code and code != str(status) else f"HTTP {status}"
+    message = " ".join(str(error.response.get("Error", {}).get("Message") or "").split())[:200]
+    return f"the store refused the request: {named}{f': {message}' if message and message != code else ''}"
 
 
 def _get_error_code(bucket: str, key: str, settings: S3Settings) -> str:

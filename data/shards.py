@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import math
+import os
 import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,8 @@ from training.errors import UserError
 _CHECK_THREADS = 16  # concurrent HEADs: enough to check thousands of shards in seconds
 MAX_SHARDS = 5_000_000  # DataComp's 12.8B samples are 1.3M shards of 10,000
 _INT_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+_NUMBERED = re.compile(r"^(.*?)(\d+)(\.tar)$")
+_GLOB_CHARS = "*?["
 
 
 def split_sources(spec: str) -> list[str]:
@@ -26,7 +30,7 @@ def split_sources(spec: str) -> list[str]:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """``a/{000..009}.tar::s3://b/x-{0..3}.tar`` -> the list of shard URLs.
+    """``a/{000..009}.tar::s3://b/x-{0..3}.tar`` -> the list of shard URLs (``~`` expanded in local paths).
 
     Local shards are checked to exist and be non-empty here; S3 shards by ``check_remote``.
     """
@@ -40,7 +44,8 @@ def expand_shards(spec: str) -> list[str]:
         if bound > MAX_SHARDS:
             raise UserError(f"shard pattern '{part}' names more than {MAX_SHARDS:,} shards; check its ranges")
         try:
-            urls.extend(itertools.islice(braceexpand(part), MAX_SHARDS + 1 - len(urls)))
+            names = itertools.islice(braceexpand(part), MAX_SHARDS + 1 - len(urls))
+            urls.extend(u if s3.is_s3(u) else os.path.expanduser(u) for u in names)
         except ValueError as error:
             raise UserError(f"bad shard pattern '{part}': {error}") from None
         if len(urls) > MAX_SHARDS:  # a mistyped range would otherwise expand until memory runs out
@@ -50,12 +55,42 @@ def expand_shards(spec: str) -> list[str]:
     local = [u for u in urls if not s3.is_s3(u)]
     missing = [u for u in local if not Path(u).is_file()]
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"shard not found: {missing[0]}{more}")
+        raise UserError(_not_found(missing))
     empty = [u for u in local if Path(u).stat().st_size == 0]
     if empty:
         raise UserError(f"shard is empty: {empty[0]}")
     return urls
+
+
+def _not_found(missing: list[str]) -> str:
+    """Why the first of the missing local shards is not one: a folder, an unexpanded glob, or absent."""
+    first = missing[0]
+    if Path(first).is_dir():
+        return (f"{first} is a folder, not a shard; name its shards with a brace pattern, "
+                f"e.g. {_brace_pattern(sorted(glob.glob(os.path.join(glob.escape(first), '*.tar'))), first)}")
+    if any(char in first for char in _GLOB_CHARS):
+        return (f"{first}: globs (*, ?, [...]) in shard patterns are not expanded; name the shards with a "
+                f"brace pattern, e.g. {_brace_pattern(sorted(glob.glob(first)), os.path.dirname(first) or '.')}")
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    return f"shard not found: {first}{more}"
+
+
+def _brace_pattern(paths: list[str], folder: str) -> str:
+    """A brace pattern naming exactly ``paths`` when they are one run of numbered .tar files in one folder
+    (``shard-00000.tar`` ... ``shard-00009.tar`` -> ``shard-{00000..00009}.tar``), else the pattern's form."""
+    parts = [_NUMBERED.match(os.path.basename(p)) for p in paths]
+    if paths and all(parts) and len({os.path.dirname(p) for p in paths}) == 1:
+        digits = [m.group(2) for m in parts]
+        numbers = sorted(map(int, digits))
+        padded = len(set(map(len, digits))) == 1  # shard-00007.tar: the range keeps the width
+        unpadded = all(d == str(int(d)) for d in digits)  # shard-7.tar ... shard-12.tar
+        if (len({m.group(1) for m in parts}) == 1 and (padded or unpadded)
+                and numbers == list(range(numbers[0], numbers[0] + len(numbers)))):
+            width = len(digits[0]) if padded else 0
+            first, last = (str(n).zfill(width) for n in (numbers[0], numbers[-1]))
+            return os.path.join(os.path.dirname(paths[0]), f"{parts[0].group(1)}{{{first}..{last}}}.tar")
+    clean = not any(char in folder for char in _GLOB_CHARS)
+    return os.path.join(folder if clean else "", "shard-{00000..00009}.tar")
 
 
 def check_remote(urls: list[str], settings: s3.S3Settings) -> None:
@@ -88,10 +123,18 @@ def check_remote(urls: list[str], settings: s3.S3Settings) -> None:
 
 
 def open_shard(url: str, settings: s3.S3Settings | None = None) -> dict:
-    """The source record webdataset's tar expander reads: ``{"url", "stream"}``."""
+    """The source record webdataset's tar expander reads: ``{"url", "stream"}``.
+
+    A local shard that cannot be opened (deleted, unmounted, unreadable since the run started) is a
+    ``StoreError``, as a missing S3 key is: one line naming it, never a skipped shard.
+    """
     if s3.is_s3(url):
         return {"url": url, "stream": s3.open_url(url, settings or s3.S3Settings())}
-    return {"url": url, "stream": open(url, "rb")}
+    try:
+        return {"url": url, "stream": open(url, "rb")}
+    except OSError as error:
+        reason = (error.strerror or type(error).__name__).lower()
+        raise s3.StoreError(f"cannot read {url}: {reason}") from None
 
 
 def count_samples(urls: list[str], settings: s3.S3Settings | None = None) -> int | None:
@@ -156,9 +199,12 @@ def _successes(path: Path) -> int | None:
 
 
 def _count_in_tar(path: Path) -> int:
+    """Samples (distinct keys) in a tar, from its headers. An uncompressed tar is opened seekable
+    (``r:*`` finds no compression), so the members' data are skipped by seeking, not read: a stream
+    (``r|*``) would read every byte of the shard. A compressed one is decompressed as it goes."""
     keys = set()
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 if member.isreg():
                     keys.add(member.name.rsplit("/", 1)[-1].split(".", 1)[0])

@@ -2,7 +2,8 @@
 
 Images decode exactly as ``tandem eval`` and ``tandem index`` decode them (``data.pipeline.decode_image``:
 JPEGs at the smallest DCT scale still >= the model's input side, high-bit-depth images scaled to 8
-bits by the shared ``data.modes.to_8bit``, then RGB), so the server's predictions and searches equal
+bits by the shared ``data.modes.to_8bit`` and set upright by its EXIF orientation (``upright``),
+then RGB), so the server's predictions and searches equal
 what evaluation measured and the index holds. That function cannot be imported here (``data.pipeline``
 pulls in webdataset); a test checks the two agree, mode by mode.
 """
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from data.modes import to_8bit
+from data.modes import to_8bit, upright
 from serving.errors import BadInput, TooLarge
 
 SCALED_CROPS = 16  # under a low --max-pixels, an image scaled for the model may still be this many crops
@@ -60,7 +61,7 @@ def decode_image(data: bytes, size: int, max_pixels: int, what: str = "image") -
         if image.format == "JPEG":
             image.draft("RGB", (size, size))
         image.load()
-        image = to_8bit(image)  # convert("RGB") alone clips a 16-bit PNG to near-white
+        image = upright(to_8bit(image))  # convert("RGB") alone clips a 16-bit PNG to near-white
         return image if image.mode == "RGB" else image.convert("RGB")
     except TooLarge:
         raise

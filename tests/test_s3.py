@@ -351,3 +351,67 @@ def test_a_resumed_read_checks_the_range_and_version_it_gets(mode):
 def test_an_expired_session_token_is_not_retried():
     expired = ClientError({"Error": {"Code": "ExpiredToken", "Message": "The provided token has expired."}}, "GetObject")
     assert fatal_reason(expired).startswith("the session token has expired")
+
+
+class RefusingStore(ThreadingHTTPServer):
+    """An S3 endpoint on 127.0.0.1 that answers every GET with the same S3 error, counting the GETs."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(("127.0.0.1", 0), RefusingHandler)
+        self.status, self.code, self.message, self.requests = status, code, message, 0
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class RefusingHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        store = self.server
+        store.requests += 1
+        body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{store.code}</Code>'
+                f"<Message>{store.message}</Message></Error>").encode()
+        self.send_response(store.status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize("status, code, message", [
+    (403, "InvalidObjectState", "The operation is not valid for the object's storage class"),  # in Glacier
+    (403, "AllAccessDisabled", "All access to this object has been disabled"),
+    (400, "InvalidArgument", "Invalid argument"),
+])
+def test_a_permanent_refusal_is_one_line_naming_its_code_not_retried(status, code, message):
+    store = RefusingStore(status, code, message)
+    try:
+        s3 = S3Settings(endpoint_url=store.url, region="us-east-1", access_key_id="k", secret_access_key="s",
+                        retry_seconds=10)
+        url = f"s3://{BUCKET}/archived.tar"
+        with pytest.raises(UserError) as raised:
+            open_url(url, s3).read()
+        assert str(raised.value) == \
+            f"cannot read {url}: the store refused the request: {code} (HTTP {status}): {message}"
+        assert store.requests == 1  # not retried for retry_seconds, then "no answer from the store"
+    finally:
+        store.shutdown()
+        store.server_close()
+
+
+def test_which_store_answers_are_retried():
+    def answer(status: int, code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "the store's words"},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    # a timeout or throttling a later try can pass, even when S3 sends it as a 400
+    for status, code in ((400, "RequestTimeout"), (408, "RequestTimeout"), (429, "TooManyRequests"),
+                         (400, "Throttling"), (503, "SlowDown"), (500, "InternalError")):
+        assert fatal_reason(answer(status, code)) == "", (status, code)
+    assert fatal_reason(answer(400, "AuthorizationHeaderMalformed")) == \
+        "the store refused the request: AuthorizationHeaderMalformed (HTTP 400): the store's words"
+    assert fatal_reason(answer(301, "PermanentRedirect")).startswith("the store refused the request: PermanentRedirect")
+    assert fatal_reason(answer(403, "AccessDenied")) == "access denied (check the credentials and the bucket policy)"

@@ -149,6 +149,13 @@ def test_decode_matches_the_training_pipeline(samples):
         assert a.mode == b.mode == "RGB" and a.size == b.size and a.tobytes() == b.tobytes(), fmt
         if fmt in ("png", "tiff"):
             assert abs(np.asarray(a).mean() - 127.5) < 2, (fmt, np.asarray(a).mean())  # a ramp, not white
+    # A camera's sideways JPEG with its EXIF orientation (6: turn 90 degrees clockwise) comes out upright.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(buffer, format="JPEG", exif=exif)
+    a, b = decode_image(buffer.getvalue(), 16, 10**8), pipeline_decode(buffer.getvalue(), 16)
+    assert a.size == b.size == (20, 40) and a.tobytes() == b.tobytes()
 
 
 def test_the_scaled_pixel_cap_refuses_thin_strips_but_not_small_images():

@@ -70,10 +70,19 @@ class DataCursor:
                 "epoch": epoch, "ranks": ranks}
 
     def restore(self, saved: dict[str, Any]) -> None:
-        """Continue exactly where the checkpoint's stream stood, or at the next epoch if the layout changed."""
+        """Continue exactly where the checkpoint's stream stood, or at the next epoch if the layout changed.
+
+        World size, workers and seed are compared here. The rest of the layout (``data.shuffle_buffer``
+        and a fingerprint of each source's shard list) the loader saves in each role's ``resume`` state
+        and compares itself, since only it knows the current one; a role whose layout changed starts
+        at ``restart_epoch``, added here: one past the newest epoch of any rank, so that every role of
+        every rank starts the same epoch, as they do when the world changed.
+        """
         if (saved.get("world"), saved.get("workers"), saved.get("seed")) == (self.world, self.workers, self.seed):
             mine = saved["ranks"][distributed.rank()]
-            self.positions = {int(k): v for k, v in mine["positions"].items()}
+            restart = int(saved["epoch"]) + 1
+            self.positions = {int(k): {**v, "restart_epoch": restart} if isinstance(v, dict) else v
+                              for k, v in mine["positions"].items()}
             self.consumed, self.start_epoch = mine["consumed"], saved["start_epoch"]
             self.epoch = saved["epoch"]
             return
