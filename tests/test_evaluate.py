@@ -52,7 +52,7 @@ def test_an_export_evaluates_retrieval_without_a_classes_file(tiny_export, synth
 
 
 def test_shards_without_a_readable_sample_are_one_line_not_zero_recall(tiny_export, tmp_path):
-    """Every sample skipped (here: captions without images) is an error, not a score of 0."""
+    """Every sample skipped (here: captions without images) is an error (the loader's), not a score of 0."""
     import tarfile
 
     from data.files import add_tar_member
@@ -60,7 +60,8 @@ def test_shards_without_a_readable_sample_are_one_line_not_zero_recall(tiny_expo
     with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
         for key in ("a", "b"):
             add_tar_member(tar, f"{key}.txt", b"a caption")
-    with pytest.raises(UserError, match=r"no sample of .*shard-0.tar could be read to evaluate on"):
+    with pytest.raises(UserError, match=r"no usable sample in an epoch of 2 read from 1 shard \(.*shard-0.tar\): "
+                                        r"2 no image"):
         evaluate_export(str(tiny_export), str(tmp_path / "shard-0.tar"), None)
 
 

@@ -239,8 +239,9 @@ class Trainer:
         # Only now, after a resume has been checked against the checkpoint: a mismatched --set must
         # not leave the run describing a model that its checkpoints are not.
         self._write_run_files()
-        # A resume of a finished run (a restarted pod after the last save) trains nothing and saves
-        # nothing; its final evaluation replaces the one recorded at that step.
+        # A resume of a finished run (a restarted pod after the last save) trains nothing; its final
+        # evaluation replaces the one recorded at that step. It saves again (the same state; at another
+        # number of processes, re-partitioned), replacing the folder whole.
         finished = self.step >= cfg.steps
         if distributed.is_main() and self.step:
             drop_records_after(self.run_dir / "eval.jsonl", self.step - finished)  # metrics.jsonl: the logger's
@@ -292,8 +293,7 @@ class Trainer:
                 if stop:
                     log.info("stopped at step %d as asked (train.stop_at); resume with --resume latest", self.step)
                     return {}
-            if not finished:
-                self.save()
+            self.save()
             if cfg.export:  # before the evaluation, so an evaluation that fails leaves the export written
                 self.export()
             result = self.evaluate()
