@@ -143,6 +143,9 @@ _RETRY_CODES = {
     "ThrottledException", "RequestThrottledException", "TooManyRequestsException", "RequestThrottled",
     "ProvisionedThroughputExceededException", "TransactionInProgressException", "RequestLimitExceeded",
     "BandwidthLimitExceeded", "LimitExceededException", "SlowDown", "EC2ThrottledException",
+    # 4xx answers that a later try can pass: a conflicting operation that S3 asks to retry, bytes
+    # damaged or cut in transit, and an identity provider that failed to answer a credentials refresh
+    "OperationAborted", "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch", "IDPCommunicationError",
 }
 _RETRY_STATUSES = (408, 429)  # Request Timeout, Too Many Requests
 _MOVED = 301  # PermanentRedirect: the bucket answers at another endpoint or region, every time

@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from serving.text import BoundedTokenizer
-from training.checks import check_export_dir, check_safetensors
 from training.errors import UserError
 from training.model import register_configs
-from training.model_config import EXPORT_CONFIG_FILE, EXPORT_WEIGHTS_FILE, read_model_config
+from training.model_config import (EXPORT_CONFIG_FILE, EXPORT_WEIGHTS_FILE, REQUIRED_KEYS, check_export_dir,
+                                   check_safetensors, read_model_config)
 
-WEIGHTS_FILE, CONFIG_FILE = EXPORT_WEIGHTS_FILE, EXPORT_CONFIG_FILE
 
 
 @dataclass
@@ -104,7 +103,7 @@ def resolve_device(device: str) -> torch.device:
 def export_complete(model: str) -> bool:
     """Whether ``model`` is an export directory ``tandem export`` has finished (it writes the config last)."""
     path = Path(model)
-    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+    return (path / EXPORT_CONFIG_FILE).is_file() and (path / EXPORT_WEIGHTS_FILE).is_file()
 
 
 def check_model(model: str, weights: str | None) -> tuple[str, str | None]:
@@ -122,7 +121,7 @@ def check_model(model: str, weights: str | None) -> tuple[str, str | None]:
     check_safetensors(Path(weights))
     if model.endswith(".json"):
         cfg = read_model_config(path)
-        if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
+        if not isinstance(cfg, dict) or not REQUIRED_KEYS <= set(cfg):
             raise UserError(f"model config {path} needs embed_dim, vision_cfg and text_cfg")
         open_clip.add_model_config(path)
         return path.stem, weights
@@ -150,7 +149,7 @@ def load_engine(model: str, weights: str | None = None, device: str = "auto") ->
         # missing key, or load_state_dict's mismatch. Any other error (CUDA's included) is not the weights'.
         if isinstance(error, RuntimeError) and "state_dict" not in str(error):
             raise
-        source = weights or f"{model}/{WEIGHTS_FILE}"
+        source = weights or f"{model}/{EXPORT_WEIGHTS_FILE}"
         detail = " ".join(str(error).split())[:300]
         raise UserError(f"the weights {source} do not fit model '{model}': {detail}") from None
     tokenizer = open_clip.get_tokenizer(name)

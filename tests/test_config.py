@@ -57,6 +57,9 @@ def test_text_knobs_take_the_text_as_written():
     """A path, name or key that reads as a TOML date or number stays the text the user typed."""
     cfg = config.load(None, ["train.run_dir=2024-01-01", "data.s3_access_key_id=12345", 'model.name="ViT-B-32"'])
     assert (cfg.train.run_dir, cfg.data.s3_access_key_id, cfg.model.name) == ("2024-01-01", "12345", "ViT-B-32")
+    # any text, quoted with toml_string (as the demo quotes its paths), reads back as itself
+    for text in ("/tmp/out\U0001F600/run", '/tmp/we"ird', "back\\slash", "del\x7fx", "tab\tx"):
+        assert config.parse_override("train.run_dir=" + config.toml_string(text))["train"]["run_dir"] == text
     # spaces around `=` are TOML's, not the value's: ' /tmp/x' would be a relative path
     cfg = config.load(None, ["train.run_dir = /tmp/x", "model.name = ViT-B-32 ", "train.steps = 7"])
     assert (cfg.train.run_dir, cfg.model.name, cfg.train.steps) == ("/tmp/x", "ViT-B-32", 7)
@@ -89,6 +92,9 @@ def test_settings_that_depend_on_the_processes():
     with pytest.raises(UserError, match="barlow_twins .* needs at least 2 samples"):
         check_method_layout(cfg("method.name=barlow_twins", "data.batch_size=1"), 1)
     check_method_layout(cfg("method.name=barlow_twins", "data.batch_size=1"), 2)
+    with pytest.raises(UserError, match="method.momentum_end 0.99 is below byol's base momentum 0.996"):
+        check_method_layout(cfg("method.name=byol", "method.momentum_end=0.99"), 1)  # the paper's base, -1
+    check_method_layout(cfg("method.name=moco", "method.momentum_end=0.99"), 1)  # MoCo v2's is constant
 
 
 @pytest.mark.parametrize("override, needle", [

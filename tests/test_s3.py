@@ -409,7 +409,8 @@ def test_which_store_answers_are_retried():
 
     # a timeout or throttling a later try can pass, even when S3 sends it as a 400
     for status, code in ((400, "RequestTimeout"), (408, "RequestTimeout"), (429, "TooManyRequests"),
-                         (400, "Throttling"), (503, "SlowDown"), (500, "InternalError")):
+                         (400, "Throttling"), (503, "SlowDown"), (500, "InternalError"), (409, "OperationAborted"),
+                         (400, "BadDigest"), (400, "IncompleteBody"), (400, "IDPCommunicationError")):
         assert fatal_reason(answer(status, code)) == "", (status, code)
     assert fatal_reason(answer(400, "AuthorizationHeaderMalformed")) == \
         "the store refused the request: AuthorizationHeaderMalformed (HTTP 400): the store's words"

@@ -16,8 +16,7 @@ from data.s3 import S3Settings
 from data.shards import check_remote, check_sizes, expand_shards, split_sources
 from training.config import Config
 from training.errors import UserError
-from training.model_config import (EXPORT_CONFIG_FILE, EXPORT_WEIGHTS_FILE, MODEL_CFG_FILE, image_side,
-                                   read_model_config, resolve_model_config)
+from training.model_config import MODEL_CFG_FILE, image_side, resolve_model_config
 
 
 def check_inputs(cfg: Config, resume: str | None = None) -> None:
@@ -80,34 +79,6 @@ def check_writable_dir(path: str | Path, what: str) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path} cannot be written: {existing} is not a writable folder")
-
-
-def check_export_dir(model_dir: str | Path) -> Path:
-    """A folder written by ``tandem export`` (open_clip's ``local-dir:``), checked without loading it:
-    its config names a model, and its weights file is there with a readable header. open_clip itself
-    would build a randomly initialised model when the weights file is missing, and score that."""
-    path = Path(model_dir)
-    if not (path / EXPORT_CONFIG_FILE).is_file():
-        raise UserError(f"{path} is not an exported model (no {EXPORT_CONFIG_FILE})")
-    model_cfg = read_model_config(path / EXPORT_CONFIG_FILE)
-    if not isinstance(model_cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_cfg):
-        raise UserError(f"{path / EXPORT_CONFIG_FILE} is not an export's config (its model_cfg needs embed_dim, "
-                        "vision_cfg and text_cfg)")
-    if not (path / EXPORT_WEIGHTS_FILE).is_file():
-        raise UserError(f"{path} has no {EXPORT_WEIGHTS_FILE} (only safetensors weights are loaded)")
-    check_safetensors(path / EXPORT_WEIGHTS_FILE)
-    return path
-
-
-def check_safetensors(path: Path) -> None:
-    """The file's safetensors header reads (only the header: the tensors stay on disk)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: either way not usable weights
-        raise UserError(f"{path} is not a readable safetensors file ({error})") from None
 
 
 def check_run_dir(run_dir: str | Path, tag: str | None = None) -> tuple[Path, str]:

@@ -187,7 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from data.classes import load_classes
     from data.shards import expand_shards
-    from training.checks import check_export_dir
+    from training.model_config import check_export_dir
 
     # Before the heavy imports, so a mistake is reported in about a second.
     check_export_dir(args.model)
@@ -314,12 +314,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tandem: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        if error.errno not in _PATH_ERRNOS:
-            raise
-        # A path the user gave that the system refuses (too long, read-only, not a folder ...): the
-        # checks cannot foresee every one, and the system's own words say it.
-        where = f": {error.filename}" if error.filename else ""
-        print(f"tandem: error: {error.strerror}{where}", file=sys.stderr)
+        if error.errno not in _PATH_ERRNOS or not error.filename:
+            raise  # not about a named path: a fault to see whole, traceback and all
+        # A path that the system refuses (too long, read-only, not a folder ...): the checks cannot
+        # foresee every one, and the system's own words, with the path, say it.
+        print(f"tandem: error: {error.strerror}: {error.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tandem: interrupted", file=sys.stderr)

@@ -411,6 +411,12 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(config)
 
 
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string. JSON's escapes are TOML's, except that TOML has no surrogate
+    pairs (so characters beyond the BMP stay themselves) and bars a raw DEL."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def to_toml(config: Config) -> str:
     """Serialise the resolved config; every value is a TOML scalar, so no TOML writer is needed."""
     lines = []
@@ -420,8 +426,7 @@ def to_toml(config: Config) -> str:
             if isinstance(value, bool):
                 rendered = "true" if value else "false"
             elif isinstance(value, str):
-                # JSON's escapes are TOML's, except that TOML has no surrogate pairs and bars a raw DEL
-                rendered = json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+                rendered = toml_string(value)
             else:
                 rendered = repr(value)
             lines.append(f"{key} = {rendered}")

@@ -134,8 +134,7 @@ def train_on_synthetic(out: Path, config: Path, *, nproc: int, train_samples: in
         "data.classes": str(data_dir / "classes.json"),
         "train.run_dir": str(run_dir),
     }
-    # JSON strings are TOML basic strings: a quote or backslash in --out stays itself
-    paths = [f"{key}={json.dumps(value)}" for key, value in values.items()]
+    paths = [f"{key}={config_mod.toml_string(value)}" for key, value in values.items()]  # a quote in --out too
     cfg = demo_config(config, paths + list(overrides), nproc)
     check_inputs(cfg)
     config_file = out / ("demo.toml" if method == "clip" else f"{run_dir.name}.toml")

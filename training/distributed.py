@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from data.files import atomic_write
 from training.errors import CollectiveError, UserError
 from training.launch import free_port, launched
 
@@ -368,9 +369,7 @@ def save_checkpoint(engine, directory: Path, tag: str, client_state: dict) -> No
 
 def point_latest(directory: Path, tag: str) -> None:
     """Rank 0: make ``directory/latest`` name ``tag``, atomically."""
-    pointer = Path(directory) / ".latest.tmp"
-    pointer.write_text(tag)
-    pointer.replace(Path(directory) / "latest")
+    atomic_write(Path(directory) / "latest", tag.encode())  # on disk before the rename: never an empty pointer
 
 
 def recover_checkpoints(directory: Path) -> None:

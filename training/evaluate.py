@@ -150,7 +150,7 @@ def evaluate_export(model_dir: str, shards: str, classes_path: str | None, *, ba
     """Evaluate an export exactly as a user of open_clip would load it (``local-dir:``)."""
     import open_clip
 
-    from training.checks import check_export_dir
+    from training.model_config import check_export_dir
 
     path = check_export_dir(model_dir)
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")

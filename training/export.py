@@ -23,7 +23,7 @@ from training import distributed
 from training.checks import check_run_dir
 from training.errors import UserError
 from training.model import create_model
-from training.model_config import EXPORT_CONFIG_FILE, MODEL_CFG_FILE
+from training.model_config import EXPORT_CONFIG_FILE, EXPORT_WEIGHTS_FILE, MODEL_CFG_FILE
 
 _HF_FILES = ("*.json", "*.txt", "*.model")  # HF config and tokenizer, never its weights
 
@@ -35,10 +35,12 @@ def write_run_model_config(run_dir: Path, model_cfg: dict, preprocess_cfg: dict)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """``path`` appears whole: written aside, then renamed."""
+    """``path`` appears whole: written aside, flushed to disk, then renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file(tensors, str(tmp))
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -73,7 +75,7 @@ def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, preproces
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     # Each file appears whole (written aside, then renamed), the config last: a server waiting for the
     # export (`tandem serve --wait-for-model`) loads it only once both are complete.
-    write_safetensors(tensors, out / "open_clip_model.safetensors")
+    write_safetensors(tensors, out / EXPORT_WEIGHTS_FILE)
     atomic_write(out / EXPORT_CONFIG_FILE,
                  json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2).encode())
     return out

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from data.pipeline import StreamSpec, make_loader
 from data.shards import count_samples, expand_shards
-from serving.engine import WEIGHTS_FILE, check_model, load_engine
+from serving.engine import check_model, load_engine
+from training.model_config import EXPORT_WEIGHTS_FILE
 from serving.index import INDEX_FILE, MANIFEST_FILE, META_FILE, OFFSETS_FILE
 from training.errors import UserError
 
@@ -188,7 +189,7 @@ def build_index(model: str, shards: str, out: Path, *, weights: str | None = Non
     parts.mkdir(parents=True, exist_ok=True)
     # The weights by content: an export re-written in place, or another --weights file for the same
     # model name, must not resume an index that holds the other weights' embeddings.
-    weights_file = Path(weights) if weights else Path(model) / WEIGHTS_FILE
+    weights_file = Path(weights) if weights else Path(model) / EXPORT_WEIGHTS_FILE
     with weights_file.open("rb") as f:
         weights_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     identity = {"model": str(Path(model).resolve()) if Path(model).exists() else model, "shards": urls,

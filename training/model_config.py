@@ -116,3 +116,32 @@ def _hf_text_cfg(cfg: ModelConfig, base: dict[str, Any]) -> dict[str, Any]:
         "hf_pooler_type": cfg.hf_pooler,
         "context_length": base.get("context_length", 32),
     }
+
+
+def check_export_dir(model_dir: str | Path) -> Path:
+    """A folder written by ``tandem export`` (open_clip's ``local-dir:``), checked without loading it:
+    its config names a model, and its weights file is there with a readable header. open_clip itself
+    would build a randomly initialised model when the weights file is missing, and score that. Here,
+    not in ``training.checks``: the serving image has none of the training side's packages."""
+    path = Path(model_dir)
+    if not (path / EXPORT_CONFIG_FILE).is_file():
+        raise UserError(f"{path} is not an exported model (no {EXPORT_CONFIG_FILE})")
+    model_cfg = read_model_config(path / EXPORT_CONFIG_FILE)
+    if not isinstance(model_cfg, dict) or not REQUIRED_KEYS <= set(model_cfg):
+        raise UserError(f"{path / EXPORT_CONFIG_FILE} is not an export's config (its model_cfg needs embed_dim, "
+                        "vision_cfg and text_cfg)")
+    if not (path / EXPORT_WEIGHTS_FILE).is_file():
+        raise UserError(f"{path} has no {EXPORT_WEIGHTS_FILE} (only safetensors weights are loaded)")
+    check_safetensors(path / EXPORT_WEIGHTS_FILE)
+    return path
+
+
+def check_safetensors(path: Path) -> None:
+    """The file's safetensors header reads (only the header: the tensors stay on disk)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: either way not usable weights
+        raise UserError(f"{path} is not a readable safetensors file ({error})") from None

@@ -124,7 +124,7 @@ class Trainer:
         self.s3 = s3_settings(cfg)  # the store settings every read of shards uses
         self.device = distributed.device()
         self.step = 0
-        self.skipped = 0  # corrupt or incomplete samples, all ranks, this run (kept in its checkpoints)
+        self.skipped = 0  # corrupt or incomplete samples, all ranks, since the run began (kept in its checkpoints)
         self.unreported_skips = 0  # this rank's, since the last log line or checkpoint
         self.skips_at_saves = 0  # all ranks', counted at checkpoints since the last log line
         self.superseded: set[str] = set()
@@ -260,7 +260,7 @@ class Trainer:
         if 0 < cfg.stop_at <= self.step:
             log.warning("train.stop_at %d is not after the resumed step %d: the run goes on to train.steps %d",
                         cfg.stop_at, self.step, cfg.steps)
-        batches = iter(self._loader())
+        batches = iter(self._loader()) if not finished else iter(())  # a finished run reads nothing
         result: dict[str, float] = {}
         trace = self._key_trace()
         throughput = Throughput(global_batch)
@@ -437,6 +437,18 @@ class Trainer:
         return out
 
 
+def _latest(trainer: Trainer) -> tuple[str | None, bool]:
+    """The checkpoint ``--resume latest`` takes, and whether ``latest`` named it. Checkpoint folders
+    keep their step* names only once complete (``distributed.save_checkpoint``), so without the
+    pointer (deleted, not copied with them, or empty) the newest folder is the one to take."""
+    pointer = trainer.ckpt_dir / "latest"
+    tag = pointer.read_text().strip() if pointer.is_file() else ""
+    if tag:
+        return tag, True
+    folders = trainer._checkpoint_folders()
+    return (folders[-1].name, False) if folders else (None, False)
+
+
 def train(cfg: Config, resume: str | None = None) -> dict[str, float]:
     """Run (or resume) training; returns the final evaluation (empty without a held-out split)."""
     distributed.init()
@@ -447,22 +459,20 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, float]:
     else:
         trainer = Trainer(cfg)
     trainer.build()
-    if resume == "latest" and not (trainer.ckpt_dir / "latest").is_file():
-        # Checkpoint folders keep their step* names only once complete (distributed.save_checkpoint),
-        # so without the pointer (deleted, or not copied with them) the newest folder is the one to take.
-        folders = trainer._checkpoint_folders()
-        resume = folders[-1].name if folders else None
-        if resume:
-            log.warning("no 'latest' pointer in %s: resuming the newest checkpoint, %s", trainer.ckpt_dir, resume)
-            trainer.resume(resume)
-            distributed.barrier()  # every rank has looked for the pointer before it reappears
-            if distributed.is_main():  # the export, and the next restart, read it
-                distributed.point_latest(trainer.ckpt_dir, resume)
-        else:
+    pointed = True
+    if resume == "latest":
+        # Rank 0 reads the folder and every rank takes its answer: ranks that looked for themselves
+        # could see it differently (a shared filesystem's cached listing) and part ways.
+        resume, pointed = distributed.all_gather_object(_latest(trainer) if distributed.is_main() else None)[0]
+        if resume is None:
             log.info("no checkpoint in %s yet: starting from scratch", trainer.ckpt_dir)
-    elif resume:
-        trainer.resume(None if resume == "latest" else resume)
-    if not resume and distributed.is_main():
+        elif not pointed and distributed.is_main():
+            log.warning("no 'latest' pointer in %s: resuming the newest checkpoint, %s", trainer.ckpt_dir, resume)
+    if resume:
+        trainer.resume(resume)
+        if not pointed and distributed.is_main():
+            distributed.point_latest(trainer.ckpt_dir, resume)  # the export, and the next restart, read it
+    elif distributed.is_main():
         # A fresh start (a restarted pod before the first checkpoint, or a run dir without checkpoints):
         # the steps an earlier attempt logged are trained, and logged, again.
         for name in ("metrics.jsonl", "eval.jsonl"):

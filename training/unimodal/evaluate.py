@@ -99,7 +99,11 @@ def check_label_key(shards: str, label_key: str, transform: Callable, s3: S3Sett
 
     first = expand_shards(shards)[:1]
     spec = StreamSpec(urls=first, batch_size=samples, rank=0, world=1, workers=1, train=False, s3=s3)
-    batch = next(iter(make_loader(spec, transform, _no_text, None, in_process=True)), None)
+    stream = iter(make_loader(spec, transform, _no_text, None, in_process=True))
+    try:
+        batch = next(stream, None)
+    finally:
+        getattr(stream, "close", lambda: None)()  # the shard's open stream with it
     metas = batch["meta"] if batch is not None else []
     if not any(label_key in meta for meta in metas):
         found = sorted({key for meta in metas for key in meta})

@@ -23,7 +23,7 @@ from training.export import write_safetensors
 from training.model_config import image_side
 from training.trainer import Trainer
 from training.unimodal.evaluate import check_label_key, collapse_stats, evaluate_backbone, is_collapsed
-from training.unimodal.methods import Method, build_method
+from training.unimodal.methods import METHODS, Method, build_method
 from training.unimodal.parts import create_backbone, ema_masters, restore_ema_masters, split_views
 from training.unimodal.transforms import MultiView, eval_transform, recipes
 
@@ -53,6 +53,14 @@ def label_tensor(metas: list[dict], key: str) -> torch.Tensor:
 def check_method_layout(cfg: Config, world: int) -> None:
     """The settings that depend on the number of processes: every rank finds the same."""
     m, global_batch = cfg.method, cfg.data.batch_size * world
+    kind = METHODS[m.name]
+    base = m.momentum if m.momentum >= 0 else kind.paper_momentum  # nan: no target network
+    if m.name in ("byol", "moco_v3") and m.momentum_end < base:
+        raise CollectiveError(f"method.momentum_end {m.momentum_end} is below {m.name}'s base momentum {base}: the "
+                              "cosine schedule rises from it to momentum_end")
+    if m.temperature and kind.default_temperature is None and distributed.is_main():
+        log.warning("method.temperature %s has no effect: %s's loss has no softmax temperature", m.temperature,
+                    m.name)
     if m.name == "swav" and m.swav_queue % world:
         raise CollectiveError(f"method.swav_queue {m.swav_queue} must be a multiple of the {world} processes: each "
                               "scores an equal share of the queue (0: none)")
@@ -146,8 +154,10 @@ class UnimodalTrainer(Trainer):
         }
 
     def fit(self) -> dict[str, float]:
-        if self.cfg.data.val_shards:  # the evaluations' labels, checked before the run trains for them
-            check_label_key(self.cfg.data.val_shards, self.cfg.method.label_key, self.eval_transform, self.s3)
+        data = self.cfg.data
+        if data.val_shards:  # the evaluations' labels (queries and bank), checked before the run trains for them
+            for shards in (data.val_shards, data.train_shards):
+                check_label_key(shards, self.cfg.method.label_key, self.eval_transform, self.s3)
         return super().fit()
 
     def evaluate(self) -> dict[str, float]:
