@@ -6,24 +6,27 @@ import io
 import os
 import tarfile
 from pathlib import Path
+from typing import Callable
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Writes via a temp file so readers never see a partial file under ``path``.
-
-    The data are flushed to disk before the rename: without that, a crash soon after can leave the
-    new name pointing at an empty file on filesystems that reorder metadata before data.
-    """
+def atomic_replace(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` fills a temp file beside ``path``, which then replaces ``path``: readers never see a
+    partial file. The data are flushed to disk before the rename: without that, a crash soon after can
+    leave the new name pointing at an empty file on filesystems that reorder metadata before data."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with tmp.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """``data`` under ``path``, whole or not at all (``atomic_replace``)."""
+    atomic_replace(path, lambda tmp: tmp.write_bytes(data))
 
 
 def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -33,7 +33,7 @@ def check_inputs(cfg: Config, resume: str | None = None) -> None:
     if resume and resume != "latest" and not (Path(cfg.train.run_dir) / "checkpoints" / resume).is_dir():
         raise UserError(f"no checkpoint '{resume}' in {Path(cfg.train.run_dir) / 'checkpoints'}")
     check_view_sizes(cfg, resolve_model_config(cfg.model))
-    check_run_dir_writable(Path(cfg.train.run_dir))
+    check_writable_dir(cfg.train.run_dir, "train.run_dir")
     if cfg.data.val_shards:
         check_remote(expand_shards(cfg.data.val_shards), s3)
     if cfg.data.classes:
@@ -61,11 +61,6 @@ def check_run_start(run_dir: Path, resume: str | None) -> None:
     if not resume and folders:
         raise UserError(f"train.run_dir {run_dir} holds a run's checkpoints (newest {folders[-1]}): resume it "
                         "with --resume latest, or train into a new train.run_dir")
-
-
-def check_run_dir_writable(run_dir: Path) -> None:
-    """``train.run_dir`` is a folder, or can be made one: not a file, under a writable folder."""
-    check_writable_dir(run_dir, "train.run_dir")
 
 
 def check_writable_dir(path: str | Path, what: str) -> None:

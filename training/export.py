@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from data.files import atomic_write
+from data.files import atomic_replace, atomic_write
 from training import distributed
 from training.checks import check_run_dir
 from training.errors import UserError
@@ -35,16 +34,8 @@ def write_run_model_config(run_dir: Path, model_cfg: dict, preprocess_cfg: dict)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """``path`` appears whole: written aside, flushed to disk, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp))
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``path`` appears whole (``atomic_replace``), written by safetensors without a copy in memory."""
+    atomic_replace(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def export_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, preprocess_cfg: dict, out: Path) -> Path:

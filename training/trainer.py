@@ -125,8 +125,7 @@ class Trainer:
         self.device = distributed.device()
         self.step = 0
         self.skipped = 0  # corrupt or incomplete samples, all ranks, since the run began (kept in its checkpoints)
-        self.unreported_skips = 0  # this rank's, since the last log line or checkpoint
-        self.skips_at_saves = 0  # all ranks', counted at checkpoints since the last log line
+        self.unreported_skips = 0  # this rank's, since the last log line
         self.superseded: set[str] = set()
         """Checkpoints newer than the one resumed, left by the run this one took over from; each
         leaves the set when this run saves at its step."""
@@ -353,8 +352,6 @@ class Trainer:
         self._stop_if_diverged(bad_ranks)
         self.unreported_skips = 0
         self.skipped += int(skipped_sum)
-        skipped_sum += self.skips_at_saves  # in the total already; not yet in the Prometheus counter
-        self.skips_at_saves = 0
         metrics.log(self.step, {
             "loss": loss_sum / world,
             "lr": lr,
@@ -385,11 +382,11 @@ class Trainer:
                                for p in self.engine.module.parameters()]).all()
         bad_ranks, skips = distributed.all_reduce_sum([float(~(self.finite & weights)), self.unreported_skips])
         self._stop_if_diverged(bad_ranks)
-        self.unreported_skips = 0
-        self.skipped += int(skips)  # the checkpoint's total, then, counts every sample before it
-        self.skips_at_saves += int(skips)
         tag = self._tag()
-        state = {"step": self.step, "data": self.cursor.state(), "skipped": self.skipped, **self._checkpoint_state()}
+        # The checkpoint's count includes the skips not yet logged (a resume replays only what follows
+        # it); the running run reports them at its next log line, as before.
+        state = {"step": self.step, "data": self.cursor.state(), "skipped": self.skipped + int(skips),
+                 **self._checkpoint_state()}
         distributed.save_checkpoint(self.engine, self.ckpt_dir, tag, state)
         self.superseded.discard(tag)
         if distributed.is_main():
