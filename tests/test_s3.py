@@ -281,14 +281,11 @@ export = false
     assert "retrying" in stderr  # the outage was seen and ridden out, not missed
 
 
-class ResumeStore(ThreadingHTTPServer):
-    """An S3 endpoint on 127.0.0.1 that drops the first GET of its one object halfway, then answers the
-    resumed GET as ``mode`` says: ``ignore-range`` (200 and the whole object, as a proxy that drops
-    ``Range`` does), ``wrong-range`` (206 from byte 0) or ``changed`` (412: the object was overwritten)."""
+class LoopbackStore(ThreadingHTTPServer):
+    """An HTTP server on a free 127.0.0.1 port, serving from a thread of its own."""
 
-    def __init__(self, data: bytes, mode: str):
-        super().__init__(("127.0.0.1", 0), ResumeHandler)
-        self.data, self.mode, self.requests = data, mode, []
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        super().__init__(("127.0.0.1", 0), handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -296,10 +293,22 @@ class ResumeStore(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
-class ResumeHandler(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
+
+class ResumeStore(LoopbackStore):
+    """An S3 endpoint on 127.0.0.1 that drops the first GET of its one object halfway, then answers the
+    resumed GET as ``mode`` says: ``ignore-range`` (200 and the whole object, as a proxy that drops
+    ``Range`` does), ``wrong-range`` (206 from byte 0) or ``changed`` (412: the object was overwritten)."""
+
+    def __init__(self, data: bytes, mode: str):
+        self.data, self.mode, self.requests = data, mode, []
+        super().__init__(ResumeHandler)
+
+
+class ResumeHandler(QuietHandler):
     def do_GET(self) -> None:
         store, data = self.server, self.server.data
         store.requests.append({"range": self.headers.get("Range"), "if_match": self.headers.get("If-Match")})
@@ -353,23 +362,15 @@ def test_an_expired_session_token_is_not_retried():
     assert fatal_reason(expired).startswith("the session token has expired")
 
 
-class RefusingStore(ThreadingHTTPServer):
+class RefusingStore(LoopbackStore):
     """An S3 endpoint on 127.0.0.1 that answers every GET with the same S3 error, counting the GETs."""
 
     def __init__(self, status: int, code: str, message: str):
-        super().__init__(("127.0.0.1", 0), RefusingHandler)
         self.status, self.code, self.message, self.requests = status, code, message, 0
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        super().__init__(RefusingHandler)
 
 
-class RefusingHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
+class RefusingHandler(QuietHandler):
     def do_GET(self) -> None:
         store = self.server
         store.requests += 1
