@@ -33,6 +33,9 @@ class ServingMetrics:
                                    ["result"], registry=self.registry)
         self.ready = Gauge("tandem_serve_ready", "1 once the model (and index) are loaded",
                            registry=self.registry)
+        self.waiting = Gauge("tandem_serve_waiting_for_model",
+                             "1 while --wait-for-model waits for the export (training has not written it yet)",
+                             registry=self.registry)
 
     @contextmanager
     def stage(self, route: str, stage: str) -> Iterator[None]:

@@ -611,6 +611,8 @@ def test_wait_for_model_serves_an_export_written_after_start(tiny_export, tmp_pa
         assert waiting.status_code == 503 and waiting.json() == {"status": "waiting",
                                                                   "detail": f"for the export at {export}"}
         assert client.post("/v1/embed", json={"texts": ["a"]}).status_code == 503
+        text = client.get("/metrics").text  # the alerts tell a waiting replica from a failing one
+        assert metric(text, "tandem_serve_waiting_for_model") == 1 and metric(text, "tandem_serve_ready") == 0
         shutil.copytree(tiny_export, tmp_path / "staging" / "export")
         (tmp_path / "staging").rename(export.parent)  # the run folder, export inside, appears at once
         deadline = time.time() + 60
@@ -619,6 +621,8 @@ def test_wait_for_model_serves_an_export_written_after_start(tiny_export, tmp_pa
             time.sleep(0.1)
         embedded = client.post("/v1/embed", json={"texts": ["a red circle"]})
         assert embedded.status_code == 200 and len(embedded.json()["text_embeddings"]) == 1
+        text = client.get("/metrics").text
+        assert metric(text, "tandem_serve_waiting_for_model") == 0 and metric(text, "tandem_serve_ready") == 1
 
 
 def test_serve_flags_are_finite_and_bounded(tiny_export, monkeypatch, capsys):
