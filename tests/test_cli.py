@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,7 +151,32 @@ def test_metrics_logger_writes_jsonl_and_serves_prometheus(tmp_path):
         logger.close()
     assert "tandem_train_loss 1.5" in body and "tandem_train_step 3.0" in body
     assert "tandem_train_skipped_samples_total 2.0" in body
+    # a value never logged is no series, not a 0 that reads as "collapsed" (CLIP has no collapse monitor)
+    assert "tandem_train_embedding_std" not in body and "tandem_train_collapsed" not in body
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["temperature"] == 20.0
+
+
+def test_another_nodes_first_process_keeps_the_metrics_port_answering(tmp_path, caplog):
+    """Under elasticity every pod is scraped, as any may hold rank 0: the others answer with their
+    rank alone (no training gauge, no metrics.jsonl), so no target shows as down."""
+    port = free_port()
+    logger = MetricsLogger(tmp_path, total_steps=10, port=port, enabled=False, rank=3)
+    try:
+        logger.log(1, {"loss": 1.0})
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        # a second process on the port (two "nodes" on one host) only warns: the endpoint is a courtesy
+        other = MetricsLogger(tmp_path, total_steps=10, port=port, enabled=False, rank=5)
+        other.log(1, {"loss": 1.0})
+        other.close()
+    finally:
+        logger.close()
+    assert "tandem_train_rank 3.0" in body and "tandem_train_loss" not in body and "tandem_train_step" not in body
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert "cannot be served by rank 5" in caplog.text
+    with socket.socket() as s:  # closed: nothing listens on the port any more (reuse: the scrape's TIME_WAIT)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 def test_throughput_covers_every_step_since_the_last_reading():
@@ -381,7 +407,7 @@ def test_sigterm_to_an_nproc_launch_stops_its_ranks(tmp_path):
             assert time.monotonic() < deadline and launcher.poll() is None, "the ranks never started"
             time.sleep(0.5)
         launcher.send_signal(signal.SIGTERM)
-        assert launcher.wait(timeout=60) != 0
+        assert launcher.wait(timeout=60) == 128 + signal.SIGTERM  # torchrun's agent stopped by it, as a shell reports
         deadline = time.monotonic() + 30
         while _processes_mentioning(str(out)) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -389,6 +415,24 @@ def test_sigterm_to_an_nproc_launch_stops_its_ranks(tmp_path):
     finally:
         for pid in _processes_mentioning(str(out)):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_sigusr1_prints_where_a_process_waits_and_lets_it_run():
+    """`kill -USR1` on a hung rank (or torchrun's agent) shows its threads' stacks in its log."""
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom training.cli import dump_stacks_on_sigusr1\n"
+         "def waits_for_a_peer():\n    print('up', flush=True)\n    time.sleep(60)\n"
+         "dump_stacks_on_sigusr1()\nwaits_for_a_peer()"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert waiter.stdout.readline() == "up\n"
+        waiter.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        assert waiter.poll() is None  # still running
+    finally:
+        waiter.kill()
+    stderr = waiter.communicate(timeout=30)[1]
+    assert "in waits_for_a_peer" in stderr and "most recent call first" in stderr, stderr
 
 
 def test_half_a_rendezvous_environment_is_one_line(monkeypatch):

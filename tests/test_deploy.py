@@ -501,8 +501,18 @@ class Rehearsal:
         self.procs.append(proc)
         return proc
 
-    def log(self, node: int) -> str:
-        return (self.root / f"node{node}.log").read_text()[-6000:]
+    def log(self, node: int, tail: int = 6000) -> str:
+        return (self.root / f"node{node}.log").read_text()[-tail:]
+
+    def dump_stacks(self, node: int) -> None:
+        """SIGUSR1 to the node's processes (the agent, its ranks, their loader workers): each prints
+        its threads' stacks to the node's log (training.cli.dump_stacks_on_sigusr1) and runs on."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            agent = psutil.Process(self.procs[node].pid)
+            for proc in [agent, *agent.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(signal.SIGUSR1)
+                    time.sleep(1)  # one at a time: they share the log
 
     def kill(self, node: int) -> None:
         """SIGKILL the node's whole process tree, as a pod's death ends every process in it.
@@ -573,7 +583,8 @@ def test_a_dead_node_stops_the_other_within_a_minute(rehearsal, victim):
     try:
         code = survivor.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"node {1 - victim} still running {timeout} s after node {victim} died:\n{r.log(1 - victim)}")
+        r.dump_stacks(1 - victim)  # where it waits, into its log (it once hung here under a loaded CI)
+        pytest.fail(f"node {1 - victim} still running {timeout} s after node {victim} died:\n{r.log(1 - victim, 40000)}")
     elapsed = time.monotonic() - killed_at
     print(json.dumps({"victim": victim, "survivor_exit_code": code, "seconds_to_exit": round(elapsed, 1)}))
     assert code != 0 and re.search(r"tandem: error: rank \d+ exited with status \d+; its output is above",

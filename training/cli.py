@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import faulthandler
+import io
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -139,6 +142,18 @@ def _parser() -> argparse.ArgumentParser:
     shards.add_argument("--workers", type=_int_in(1), default=1, help="processes encoding shards in parallel")
     shards.add_argument("--s3-endpoint-url", default="", help="S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
     return parser
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's Python stack to the process's stderr and lets it run
+    on: where a hung rank waits (a collective, the data loader, a store) without py-spy or a debugger.
+    Forked data-loader workers inherit it."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass  # a stderr without a file descriptor (a caller capturing it): nowhere to print
 
 
 def _setup_logging() -> None:
@@ -307,6 +322,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "data": 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
+    dump_stacks_on_sigusr1()
     try:
         return COMMANDS[args.command](args)
     except UserError as error:

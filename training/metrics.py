@@ -82,21 +82,36 @@ def _step_of(line: str) -> float:
 
 
 class MetricsLogger:
-    """Writes ``metrics.jsonl``, serves ``/metrics`` when ``port`` is set, and shows progress."""
+    """Writes ``metrics.jsonl``, serves ``/metrics`` when ``port`` is set, and shows progress.
 
-    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int = 0, port: int = 0, enabled: bool = True):
+    Only the recording process (rank 0) has the training gauges. A process that records nothing but
+    is given ``rank`` (the first process of another node) answers on the port too, with
+    ``tandem_train_rank`` alone: under elastic training any pod may hold rank 0, so every pod is
+    scraped, and one whose port refused the scrape would be a target down for the whole run.
+    """
+
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int = 0, port: int = 0, enabled: bool = True,
+                 rank: int | None = None):
         self.enabled = enabled
         self.total_steps = total_steps
+        self.server = None
+        # another node's first process opens its endpoint at its first log() call: the step before it
+        # ended in a collective, so rank 0 has its port by then, even with two "nodes" on one host
+        self.rank_only = (port, rank) if not enabled and port and rank is not None else None
         if not enabled:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
         if start_step:
             drop_records_after(self.path, start_step)
         self.registry = CollectorRegistry()
-        self.gauges = {k: Gauge(f"tandem_train_{k}", doc, registry=self.registry) for k, doc in GAUGES.items()}
+        # Each gauge appears with its first value: a CLIP run has no collapse monitor and BYOL no
+        # temperature, and a gauge left at 0 would say "collapsed" or "T = 0". The step is there from
+        # the start, so a run that hangs before its first step still shows as stalled.
+        self.gauges = {"step": self._gauge("step")}
+        self.gauges["step"].set(start_step)
         self.skipped = Counter("tandem_train_skipped_samples", "Samples skipped as corrupt or incomplete.",
                                registry=self.registry)
-        self.server = None
+        self._rank_gauge(self.registry, 0 if rank is None else rank)
         if port:
             try:
                 self.server, _ = start_http_server(port, registry=self.registry)
@@ -107,6 +122,22 @@ class MetricsLogger:
         self.bar = self._progress_bar(start_step)
         self.every = max(1, total_steps // 20)
 
+    @staticmethod
+    def _rank_gauge(registry: CollectorRegistry, rank: int) -> None:
+        Gauge("tandem_train_rank", "Global rank of the process serving this endpoint (0 records the run).",
+              registry=registry).set(rank)
+
+    def _serve_rank_only(self, port: int, rank: int) -> None:
+        registry = CollectorRegistry()
+        self._rank_gauge(registry, rank)
+        try:
+            self.server, _ = start_http_server(port, registry=registry)
+        except OSError as error:  # best effort: this endpoint only keeps the target up
+            log.warning("train.metrics_port %d cannot be served by rank %d: %s", port, rank, error.strerror or error)
+
+    def _gauge(self, key: str) -> Gauge:
+        return Gauge(f"tandem_train_{key}", GAUGES[key], registry=self.registry)
+
     def _progress_bar(self, start_step: int):
         if not sys.stderr.isatty():
             return None
@@ -115,13 +146,18 @@ class MetricsLogger:
         return tqdm(total=self.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, values: dict[str, Any], skipped: int = 0) -> None:
+        if self.rank_only:
+            self._serve_rank_only(*self.rank_only)
+            self.rank_only = None
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **values}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in values.items():
-            if key in self.gauges:
+            if key in GAUGES:
+                if key not in self.gauges:
+                    self.gauges[key] = self._gauge(key)
                 self.gauges[key].set(value)
         self.gauges["step"].set(step)
         if skipped:
@@ -138,9 +174,8 @@ class MetricsLogger:
             print(f"step {step}/{self.total_steps}  {summary}", flush=True)
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()  # the port is free again at once
+        if self.enabled and self.bar is not None:
+            self.bar.close()

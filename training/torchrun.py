@@ -21,6 +21,9 @@ def main() -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    from training.cli import dump_stacks_on_sigusr1
+
+    dump_stacks_on_sigusr1()  # the agent too: `kill -USR1` shows where it waits
     # The agent's own "failed (exitcode: 2) local_rank: 0 ..." lines repeat what the line below says.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     if mistake := check_arguments(sys.argv[1:]):

@@ -245,7 +245,8 @@ class Trainer:
         if distributed.is_main() and self.step:
             drop_records_after(self.run_dir / "eval.jsonl", self.step - finished)  # metrics.jsonl: the logger's
         metrics = MetricsLogger(self.run_dir, total_steps=cfg.steps, start_step=self.step,
-                                port=cfg.metrics_port, enabled=distributed.is_main())
+                                port=cfg.metrics_port, enabled=distributed.is_main(),
+                                rank=distributed.rank() if distributed.local_rank() == 0 else None)
         global_batch = self.cfg.data.batch_size * distributed.world_size() * cfg.accum_steps
         if distributed.is_main() and self.step == 0:
             samples = self.cfg.data.train_num_samples or count_samples(
