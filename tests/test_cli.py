@@ -288,6 +288,24 @@ print("control:", "numpy" in {m.split(".")[0] for m in sys.modules})
     assert "heavy: []" in proc.stdout and "control: True" in proc.stdout, proc.stdout
 
 
+def test_eval_checks_its_inputs_without_the_heavy_imports(tmp_path, synth_data):
+    """A wrong --data beside a good export is one line at once: the export's weights are checked by
+    their header alone (safetensors' "pt" framework would import torch for it)."""
+    from tests.scripts.serving_fixtures import make_export
+
+    export = make_export(tmp_path / "export")
+    script = """
+import sys
+from training.cli import main
+code = main(["eval", "--model", sys.argv[1], "--data", sys.argv[2]])
+print("code", code, "heavy:", sorted({m.split(".")[0] for m in sys.modules} & {"torch", "open_clip", "deepspeed"}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(export), str(tmp_path / "no-such-data")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "code 2 heavy: []" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert proc.stderr.startswith("tandem: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_model_names_resolve_as_open_clip_resolves_them():
     """Every name open_clip knows (Tandem's configs registered in front) gives the same config."""
     import open_clip
