@@ -68,7 +68,7 @@ class AppState:
         self.waiting: str | None = None  # the export directory --wait-for-model waits for
         # read at each scrape, so the gauge always says what /readyz says
         metrics.ready.set_function(lambda: float(self.service is not None and self.failure() is None))
-        metrics.waiting.set_function(lambda: float(self.waiting is not None))
+        metrics.waiting.set_function(lambda: float(self.waiting is not None and self.failure() is None))
 
     def start(self, engine: Engine, index: Index | None) -> None:
         self.loaded = (engine, index)

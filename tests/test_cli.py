@@ -451,6 +451,17 @@ def test_sigusr1_prints_where_a_process_waits_and_lets_it_run():
         waiter.kill()
     stderr = waiter.communicate(timeout=30)[1]
     assert "in waits_for_a_peer" in stderr and "most recent call first" in stderr, stderr
+    # Asked of torchrun as the ranks' stop signal (SLURM's pre-emption notice), SIGUSR1 stays a stop.
+    stopped = subprocess.run(
+        [sys.executable, "-c", "import os, signal\nfrom training.cli import dump_stacks_on_sigusr1\n"
+         "dump_stacks_on_sigusr1()\nos.kill(os.getpid(), signal.SIGUSR1)\nprint('ran on')"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGUSR1"})
+    assert stopped.returncode == -signal.SIGUSR1 and "ran on" not in stopped.stdout
+    # With stderr closed (sys.stderr is None) a mistake is still one line and exit 2, not a silent exit 1.
+    closed = subprocess.run(["bash", "-c", f"{sys.executable} -m training.cli eval --model /nonexistent "
+                             "--data /nonexistent 2>&-"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert closed.returncode == 2 and closed.stdout.startswith("tandem: error: "), (closed.returncode, closed.stdout)
 
 
 def test_half_a_rendezvous_environment_is_one_line(monkeypatch):

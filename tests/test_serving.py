@@ -625,6 +625,31 @@ def test_wait_for_model_serves_an_export_written_after_start(tiny_export, tmp_pa
         assert metric(text, "tandem_serve_waiting_for_model") == 0 and metric(text, "tandem_serve_ready") == 1
 
 
+def test_a_wait_that_fails_is_not_reported_as_waiting(tmp_path, monkeypatch):
+    """The run volume refusing a stat while the server waits: /readyz says failed, and so does the
+    waiting gauge (at 1 it would hold the no-ready-replica alert back)."""
+    from serving import app as app_module
+
+    looks = []
+
+    def export_complete(path):
+        looks.append(path)
+        if len(looks) >= 3:
+            raise PermissionError(13, "Permission denied", path)
+        return False
+
+    monkeypatch.setattr(app_module, "WAIT_POLL_S", 0.05)
+    monkeypatch.setattr(app_module, "export_complete", export_complete)
+    settings = ServeSettings(model=str(tmp_path / "run" / "export"), device="cpu", wait_for_model=True)
+    with TestClient(create_app(settings)) as client:
+        deadline = time.time() + 30
+        while client.get("/readyz").json()["status"] != "failed":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        text = client.get("/metrics").text
+    assert metric(text, "tandem_serve_waiting_for_model") == 0 and metric(text, "tandem_serve_ready") == 0
+
+
 def test_serve_flags_are_finite_and_bounded(tiny_export, monkeypatch, capsys):
     import uvicorn
 

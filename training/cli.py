@@ -150,10 +150,12 @@ def dump_stacks_on_sigusr1() -> None:
     Forked data-loader workers inherit it."""
     if not hasattr(signal, "SIGUSR1"):
         return
+    if "SIGUSR1" in os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", ""):
+        return  # torchrun was asked to stop its ranks with it (SLURM's pre-emption notice)
     try:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    except (AttributeError, ValueError, io.UnsupportedOperation):
-        pass  # a stderr without a file descriptor (a caller capturing it): nowhere to print
+    except (AttributeError, ValueError, RuntimeError, io.UnsupportedOperation):
+        pass  # no stderr, or one without a file descriptor (a caller capturing it): nowhere to print
 
 
 def _setup_logging() -> None:

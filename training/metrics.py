@@ -176,6 +176,6 @@ class MetricsLogger:
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
-            self.server.server_close()  # the port is free again at once
+            self.server.server_close()  # the port is free again (once forked loader workers have exited)
         if self.enabled and self.bar is not None:
             self.bar.close()
