@@ -16,7 +16,9 @@ interleaved so they see the same conditions, and ``load_avg`` (start, end) is in
 60-second load at concurrency 8 samples the batched server's resident memory every second
 (``soak_rss_*``: it should stay flat).
 
-    uv run python bench/serve.py [--requests 192] [--threads N] [--model ViT-B-32]
+    uv run python bench/serve.py [--requests 192] [--threads N] [--model ViT-B-32] [--precision fp32|bf16]
+
+``--precision`` applies to all three peers alike (the servers' flag, the offline engine's autocast).
 """
 
 from __future__ import annotations
@@ -79,11 +81,11 @@ def jpegs(count: int, size: int = 224) -> list[bytes]:
 class Offline:
     """The engine alone, in this process: decode once, then embed + classify batches, no HTTP."""
 
-    def __init__(self, export: Path, images: list[bytes]) -> None:
+    def __init__(self, export: Path, images: list[bytes], precision: str = "fp32") -> None:
         from serving.decode import image_tensor
         from serving.engine import ensemble, load_engine, prompts
 
-        self.engine = load_engine(str(export), device="cpu")
+        self.engine = load_engine(str(export), device="cpu", precision=precision)
         self.labels = ensemble(self.engine.encode_texts(prompts(LABELS, ["a photo of a {}."])), 1)
         self.tensors = [image_tensor(data, self.engine.transform, self.engine.image_size, 10**8) for data in images]
 
@@ -111,10 +113,11 @@ class Offline:
 class Server:
     """``tandem serve`` in a subprocess, ready when /readyz says so."""
 
-    def __init__(self, export: Path, port: int, threads: int, max_batch_size: int, max_wait_ms: float) -> None:
+    def __init__(self, export: Path, port: int, threads: int, max_batch_size: int, max_wait_ms: float,
+                 precision: str = "fp32") -> None:
         command = [sys.executable, "-m", "training.cli", "serve", "--model", str(export), "--port", str(port),
                    "--device", "cpu", "--threads", str(threads), "--max-batch-size", str(max_batch_size),
-                   "--max-wait-ms", str(max_wait_ms)]
+                   "--max-wait-ms", str(max_wait_ms), "--precision", precision]
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
@@ -250,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=192, help="requests at concurrency 32 (8: a third, 1: 12)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the model")
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="of every peer alike")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--offline-seconds", type=float, default=4.0, help="each offline measurement's length")
     parser.add_argument("--soak-seconds", type=float, default=60.0,
@@ -263,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         export = export_random(args.model, Path(tmp) / "model")
-        batched = Server(export, free_port(), args.threads, args.max_batch_size, args.max_wait_ms)
-        single = Server(export, free_port(), args.threads, 1, 0)
+        batched = Server(export, free_port(), args.threads, args.max_batch_size, args.max_wait_ms, args.precision)
+        single = Server(export, free_port(), args.threads, 1, 0, args.precision)
         try:
             for server in (batched, single):
                 load(server.url, bodies, 1, 2)  # label-set embeddings cached, first forwards done
-            offline = Offline(export, images)
+            offline = Offline(export, images, args.precision)
             for concurrency, requests in ((1, 12), (8, max(args.requests // 3, 8))):
                 load(batched.url, bodies, concurrency, concurrency)  # warm-up round, not counted
                 runs = [load(batched.url, bodies, concurrency, requests // SEGMENTS) for _ in range(SEGMENTS)]
@@ -313,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms_one_at_a_time_c32": round(baseline["p99_ms"], 1),
         "ratio_vs_offline": round(c32["rps"] / best_offline, 3),
         "ratio_vs_one_at_a_time": round(c32["rps"] / baseline["rps"], 3),
-        "model": f"{args.model} (random init)", "device": "cpu", "torch_threads": args.threads,
+        "model": f"{args.model} (random init)", "device": "cpu", "precision": args.precision,
+        "torch_threads": args.threads,
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
         "load_avg": [round(load_start, 2), round(os.getloadavg()[0], 2)], "cpu_count": os.cpu_count(),
         "seconds": round(time.time() - started, 1),

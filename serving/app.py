@@ -49,7 +49,7 @@ def load_model_and_index(settings: ServeSettings) -> tuple[Engine, Index | None]
     """The default loader: the model from ``settings.model`` and the index from ``settings.index``."""
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
-    engine = load_engine(settings.model, settings.weights, settings.device)
+    engine = load_engine(settings.model, settings.weights, settings.device, settings.precision)
     index = Index(settings.index, nprobe=settings.nprobe, ef_search=settings.ef_search) if settings.index else None
     if index is not None and index.dim != engine.embed_dim:  # checked at start-up unless the model came later
         raise UserError(f"index {settings.index} holds {index.dim}-d embeddings, the model's are {engine.embed_dim}-d")
@@ -263,7 +263,7 @@ async def _read(files: list[UploadFile], settings: ServeSettings) -> list[bytes]
 def check_settings(settings: ServeSettings) -> None:
     """Refuse an out-of-range flag or a wrong ``--model``/``--weights``/``--index`` with one line, before the
     server starts."""
-    from serving.engine import check_model, export_complete, model_embed_dim, resolve_device
+    from serving.engine import check_model, check_precision, export_complete, model_embed_dim, resolve_device
     from serving.index import read_manifest
     # Bounds far beyond any sensible value, so that a typo (or inf, or NaN: no comparison holds for it)
     # is a one-line error here rather than an overflow inside the server
@@ -280,7 +280,7 @@ def check_settings(settings: ServeSettings) -> None:
             raise UserError(f"{flag} must be from {low} to {high}, got {value}")
     if not 1 <= settings.max_body_bytes <= MAX_BODY_MB * 2**20:
         raise UserError(f"--max-body-mb must be > 0 and at most {MAX_BODY_MB}")
-    resolve_device(settings.device)
+    check_precision(settings.precision, resolve_device(settings.device))
     if settings.wait_for_model and settings.weights:
         raise UserError("--wait-for-model waits for an export directory; a model name with --weights is there already")
     # With --wait-for-model an export that is not there yet is checked (and the index's dimension

@@ -8,6 +8,7 @@ Models load with safetensors only (never pickle): an export directory through op
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,7 @@ from training.model import register_configs
 from training.model_config import (EXPORT_CONFIG_FILE, EXPORT_WEIGHTS_FILE, REQUIRED_KEYS, check_export_dir,
                                    check_safetensors, read_model_config)
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Engine:
     tokenizer: Callable
     device: torch.device
     name: str
+    precision: str = "fp32"  # or "bf16": forward passes under autocast, outputs float32
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -48,16 +51,21 @@ class Engine:
         with torch.no_grad():
             self.embed_dim = int(self.encode_texts(["x"]).shape[1])
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` preprocessed images -> ``[B, D]`` L2-normalised float32 on the CPU."""
-        features = self.model.encode_image(images.to(self.device, non_blocking=True))
+        with self._autocast():
+            features = self.model.encode_image(images.to(self.device, non_blocking=True))
         return F.normalize(features.float(), dim=-1).cpu()
 
     @torch.no_grad()
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` token ids (from ``tokenize``) -> ``[B, D]`` L2-normalised float32 on the CPU."""
-        features = self.model.encode_text(tokens.to(self.device))
+        with self._autocast():
+            features = self.model.encode_text(tokens.to(self.device))
         return F.normalize(features.float(), dim=-1).cpu()
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -100,6 +108,28 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """bf16 needs hardware that computes in it: a GPU that supports it, or a CPU with AVX512-BF16 or
+    AMX (elsewhere torch emulates it, several times slower than fp32)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "bf16":
+        return
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16 asked for, but {torch.cuda.get_device_name(device)} does not support bf16")
+    if device.type == "cpu" and not native_cpu_bf16():
+        log.warning("--precision bf16: this CPU has neither AVX512-BF16 nor AMX, so bf16 is emulated and "
+                    "slower than fp32")
+
+
+def native_cpu_bf16() -> bool:
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 def export_complete(model: str) -> bool:
     """Whether ``model`` is an export directory ``tandem export`` has finished (it writes the config last)."""
     path = Path(model)
@@ -137,10 +167,11 @@ def model_embed_dim(name: str) -> int | None:
     return int(cfg["embed_dim"]) if cfg and "embed_dim" in cfg else None
 
 
-def load_engine(model: str, weights: str | None = None, device: str = "auto") -> Engine:
+def load_engine(model: str, weights: str | None = None, device: str = "auto", precision: str = "fp32") -> Engine:
     """Load an export directory (``local-dir:``) or a model name/config plus safetensors weights."""
     name, weights = check_model(model, weights)
     target = resolve_device(device)
+    check_precision(precision, target)
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=target,
                                                                    pretrained_text=False)
@@ -153,4 +184,5 @@ def load_engine(model: str, weights: str | None = None, device: str = "auto") ->
         detail = " ".join(str(error).split())[:300]
         raise UserError(f"the weights {source} do not fit model '{model}': {detail}") from None
     tokenizer = open_clip.get_tokenizer(name)
-    return Engine(model=net, transform=preprocess, tokenizer=tokenizer, device=target, name=str(model))
+    return Engine(model=net, transform=preprocess, tokenizer=tokenizer, device=target, name=str(model),
+                  precision=precision)

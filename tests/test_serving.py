@@ -113,6 +113,28 @@ def test_classify_and_search_agree_with_tandem_eval(api, tiny_export, synth_data
         assert abs(value - reference[f"text_to_image_recall@{k}"]) <= 0.005, (k, value, reference)
 
 
+def test_bf16_serving_stays_close_to_fp32(tiny_export, engine, synth_data, samples):
+    """--precision bf16: forward passes under autocast, float32 out, close to the fp32 engine's."""
+    from data.classes import load_classes
+    from serving.decode import image_tensor
+
+    fast = load_engine(str(tiny_export), device="cpu", precision="bf16")
+    images = torch.stack([image_tensor(s["jpg"], engine.transform, engine.image_size, 10**8) for s in samples])
+    reference, ours = engine.encode_images(images), fast.encode_images(images)
+    assert ours.dtype == torch.float32
+    cosine = (reference * ours).sum(-1)
+    assert cosine.min() > 0.99 and not torch.equal(reference, ours), cosine.min()  # close, and really bf16
+    texts = [s["caption"] for s in samples[:16]]
+    assert ((engine.encode_texts(texts) * fast.encode_texts(texts)).sum(-1)).min() > 0.99
+    classes, templates = load_classes(synth_data / "classes.json")
+    with serve_in_process(tiny_export, fast) as client:
+        top1, predicted = zero_shot(client, samples, classes, templates)
+    with serve_in_process(tiny_export, engine) as client:
+        reference_top1, expected = zero_shot(client, samples, classes, templates)
+    same = sum(a == b for a, b in zip(predicted, expected)) / len(samples)
+    assert same >= 0.9 and abs(top1 - reference_top1) <= 0.05, (same, top1, reference_top1)
+
+
 def test_label_set_embedding_is_the_evaluation_classifier(engine):
     from training.evaluate import class_embeddings
 

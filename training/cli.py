@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_int_in(0, 65535), default=8000)
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="bf16: forward passes under bf16 autocast, ~3x faster on CPUs with AVX512-BF16/AMX")
     serve.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass (1: no batching)")
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch")
     serve.add_argument("--workers", type=int, default=4, help="threads decoding images and searching the index")
@@ -277,7 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.settings import ServeSettings, body_bytes
 
     settings = ServeSettings(model=args.model, weights=args.weights, index=args.index,
-                             wait_for_model=args.wait_for_model, device=args.device,
+                             wait_for_model=args.wait_for_model, device=args.device, precision=args.precision,
                              max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              workers=args.workers, threads=args.threads, max_pixels=args.max_pixels,
                              max_body_bytes=body_bytes(args.max_body_mb), label_cache=args.label_cache,
