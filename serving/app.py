@@ -53,8 +53,8 @@ def load_model_and_index(settings: ServeSettings) -> tuple[Engine, Index | None]
     index = Index(settings.index, nprobe=settings.nprobe, ef_search=settings.ef_search) if settings.index else None
     if index is not None and index.dim != engine.embed_dim:  # checked at start-up unless the model came later
         raise UserError(f"index {settings.index} holds {index.dim}-d embeddings, the model's are {engine.embed_dim}-d")
-    log.info("loaded %s (dim %d, image %dpx, %s)%s", settings.model, engine.embed_dim, engine.image_size,
-             engine.device, f" and index {settings.index} ({index.count} items, mmap={index.mmapped})"
+    log.info("loaded %s (dim %d, image %dpx, %s, %s)%s", settings.model, engine.embed_dim, engine.image_size,
+             engine.device, engine.precision, f" and index {settings.index} ({index.count} items, mmap={index.mmapped})"
              if index else "")
     return engine, index
 

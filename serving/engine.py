@@ -112,17 +112,14 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def check_precision(precision: str, device: torch.device) -> None:
-    """bf16 needs hardware that computes in it: a GPU that supports it, or a CPU with AVX512-BF16 or
-    AMX (elsewhere torch emulates it, several times slower than fp32)."""
+    """bf16 needs hardware that computes in it. A GPU must be Ampere or newer (compute capability 8.0:
+    torch's ``is_bf16_supported`` also says yes to the emulation on older ones); a CPU without
+    AVX512-BF16 or AMX is only warned about, by ``load_engine`` (emulated, slower than fp32)."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "bf16":
-        return
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--precision bf16 asked for, but {torch.cuda.get_device_name(device)} does not support bf16")
-    if device.type == "cpu" and not native_cpu_bf16():
-        log.warning("--precision bf16: this CPU has neither AVX512-BF16 nor AMX, so bf16 is emulated and "
-                    "slower than fp32")
+    if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        raise UserError(f"--precision bf16 asked for, but {torch.cuda.get_device_name(device)} computes bf16 only "
+                        "by emulation (it needs compute capability 8.0, Ampere, or newer): use fp32")
 
 
 def native_cpu_bf16() -> bool:
@@ -172,6 +169,9 @@ def load_engine(model: str, weights: str | None = None, device: str = "auto", pr
     name, weights = check_model(model, weights)
     target = resolve_device(device)
     check_precision(precision, target)
+    if precision == "bf16" and target.type == "cpu" and not native_cpu_bf16():
+        log.warning("--precision bf16: this CPU has neither AVX512-BF16 nor AMX, so bf16 is emulated and "
+                    "slower than fp32")
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=target,
                                                                    pretrained_text=False)

@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_int_in(0, 65535), default=8000)
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                       help="bf16: forward passes under bf16 autocast, ~3x faster on CPUs with AVX512-BF16/AMX")
+                       help="bf16: forward passes under bf16 autocast (needs AVX512-BF16/AMX or an Ampere+ GPU)")
     serve.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass (1: no batching)")
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch")
     serve.add_argument("--workers", type=int, default=4, help="threads decoding images and searching the index")
