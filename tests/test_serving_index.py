@@ -81,6 +81,30 @@ def test_an_unfinished_index_is_not_resumed_with_other_weights(tiny_export, test
     assert summary["count"] == 128 and len(manifest["weights_sha256"]) == 64
 
 
+def test_a_bf16_build_resumes_only_in_bf16(tiny_export, test_shards, tiny_index, tmp_path, monkeypatch):
+    """--precision bf16 embeds as `tandem serve --precision bf16` does; a build resumes only at the
+    precision it started with, so one index never mixes fp32 and bf16 embeddings."""
+    real_write = indexing._write_chunk
+
+    def crash_after_first(parts, number, embeddings, records):
+        if number == 1:
+            raise KeyboardInterrupt
+        real_write(parts, number, embeddings, records)
+
+    monkeypatch.setattr(indexing, "_write_chunk", crash_after_first)
+    out = tmp_path / "idx"
+    options = dict(chunk_size=50, batch_size=25, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        indexing.build_index(str(tiny_export), test_shards, out, precision="bf16", **options)
+    monkeypatch.setattr(indexing, "_write_chunk", real_write)
+    with pytest.raises(UserError, match=r"another model \(its precision differ\)"):
+        indexing.build_index(str(tiny_export), test_shards, out, **options)  # fp32, the default
+    indexing.build_index(str(tiny_export), test_shards, out, precision="bf16", **options)
+    assert json.loads((out / "index.json").read_text())["precision"] == "bf16"
+    ours, fp32 = Index(out).index.reconstruct_n(0, 128), Index(tiny_index).index.reconstruct_n(0, 128)
+    assert (ours * fp32).sum(-1).min() > 0.999 and not np.array_equal(ours, fp32)
+
+
 def test_unfinished_index_of_other_shards_is_not_mixed_in(tiny_export, synth_data, test_shards, tmp_path):
     out = tmp_path / "idx"
     (out / "parts").mkdir(parents=True)

@@ -118,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--batch-size", type=_int_in(1), default=256)
     index.add_argument("--chunk-size", type=_int_in(1), default=8192, help="embeddings per resumable chunk")
     index.add_argument("--device", default="auto")
+    index.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="of the forward passes, as tandem serve's (a resumed build keeps its own)")
     index.add_argument("--overwrite", action="store_true",
                        help="rebuild a finished index, or start an unfinished one over")
 
@@ -296,7 +298,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     summary = build_index(args.model, shard_pattern(args.data), Path(args.out), weights=args.weights,
                           kind=args.kind, nlist=args.nlist, hnsw_m=args.hnsw_m, batch_size=args.batch_size,
-                          chunk_size=args.chunk_size, device=args.device, overwrite=args.overwrite)
+                          chunk_size=args.chunk_size, device=args.device, precision=args.precision,
+                          overwrite=args.overwrite)
     print(json.dumps(summary))
     return 0
 

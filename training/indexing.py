@@ -70,6 +70,7 @@ def _load_progress(parts: Path, identity: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         return {**identity, "chunks": 0, "cursor": 0, "count": 0}
     progress = json.loads(path.read_text())
+    progress.setdefault("precision", "fp32")  # builds from before --precision
     if {k: progress.get(k) for k in identity} != identity:
         differs = ", ".join(k for k in identity if progress.get(k) != identity[k])
         raise UserError(f"{parts.parent} holds an unfinished index of other shards or another model (its {differs} "
@@ -154,7 +155,7 @@ def _finish(out: Path, parts: Path, progress: dict[str, Any], kind: str, nlist: 
     faiss.write_index(index, str(out / (INDEX_FILE + ".tmp")))
     os.replace(out / (INDEX_FILE + ".tmp"), out / INDEX_FILE)
     manifest = {"count": count, "dim": dim, "kind": kind, "model": progress["model"],
-                "weights_sha256": progress["weights_sha256"], "model_cfg": model_cfg,
+                "weights_sha256": progress["weights_sha256"], "precision": progress["precision"], "model_cfg": model_cfg,
                 "shards": progress["shards"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     shutil.rmtree(parts)
@@ -163,8 +164,11 @@ def _finish(out: Path, parts: Path, progress: dict[str, Any], kind: str, nlist: 
 
 def build_index(model: str, shards: str, out: Path, *, weights: str | None = None, kind: str = "flat",
                 nlist: int = 0, hnsw_m: int = 32, batch_size: int = 256, chunk_size: int = 8192,
-                device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
+                device: str = "auto", precision: str = "fp32", overwrite: bool = False) -> dict[str, Any]:
     """Embed every image of ``shards`` with ``model`` into a FAISS index in ``out`` (resumable).
+
+    ``precision`` is the forward passes' (``serving.engine``): a build is resumed only at the precision
+    it was started with, so one index never mixes fp32 and bf16 embeddings.
 
     Returns a summary: ``out``, ``count``, ``dim``, ``kind``, ``seconds``.
     """
@@ -181,7 +185,7 @@ def build_index(model: str, shards: str, out: Path, *, weights: str | None = Non
     # Every input is checked, and the model loaded, before --overwrite deletes anything: a mistyped
     # --data, --model or --weights leaves the index that is there as it was.
     urls = expand_shards(shards)
-    engine = load_engine(model, weights, device)
+    engine = load_engine(model, weights, device, precision)
     if overwrite:  # a finished index, or the parts of an unfinished build (of any model and shards)
         for name in (MANIFEST_FILE, INDEX_FILE, META_FILE, OFFSETS_FILE, PARTS):
             shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
@@ -193,7 +197,7 @@ def build_index(model: str, shards: str, out: Path, *, weights: str | None = Non
     with weights_file.open("rb") as f:
         weights_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     identity = {"model": str(Path(model).resolve()) if Path(model).exists() else model, "shards": urls,
-                "dim": engine.embed_dim, "weights_sha256": weights_sha256}
+                "dim": engine.embed_dim, "weights_sha256": weights_sha256, "precision": precision}
     progress = _load_progress(parts, identity)
     if progress["chunks"]:
         log.info("resuming %s after %d chunks (%d items)", out, progress["chunks"], progress["count"])
