@@ -48,6 +48,20 @@ def test_interrupted_build_resumes_to_the_same_index(tiny_export, test_shards, t
         indexing.build_index(str(tiny_export), test_shards, out, device="cpu")
 
 
+def crash_after_the_first_chunk(monkeypatch):
+    """``_write_chunk`` writes chunk 0 and dies at chunk 1, as a build killed between chunks; returns
+    the real one, to put back."""
+    real_write = indexing._write_chunk
+
+    def crash_after_first(parts, number, embeddings, records):
+        if number == 1:
+            raise KeyboardInterrupt
+        real_write(parts, number, embeddings, records)
+
+    monkeypatch.setattr(indexing, "_write_chunk", crash_after_first)
+    return real_write
+
+
 def test_an_unfinished_index_is_not_resumed_with_other_weights(tiny_export, test_shards, tmp_path, monkeypatch):
     """The same export folder re-written with other weights (a re-export in place) is another model:
     resuming would mix two models' embeddings in one index."""
@@ -57,14 +71,7 @@ def test_an_unfinished_index_is_not_resumed_with_other_weights(tiny_export, test
 
     export = tmp_path / "export"
     shutil.copytree(tiny_export, export)
-    real_write = indexing._write_chunk
-
-    def crash_after_first(parts, number, embeddings, records):
-        if number == 1:
-            raise KeyboardInterrupt
-        real_write(parts, number, embeddings, records)
-
-    monkeypatch.setattr(indexing, "_write_chunk", crash_after_first)
+    real_write = crash_after_the_first_chunk(monkeypatch)
     out = tmp_path / "idx"
     with pytest.raises(KeyboardInterrupt):
         indexing.build_index(str(export), test_shards, out, chunk_size=50, batch_size=25, device="cpu")
@@ -84,14 +91,7 @@ def test_an_unfinished_index_is_not_resumed_with_other_weights(tiny_export, test
 def test_a_bf16_build_resumes_only_in_bf16(tiny_export, test_shards, tiny_index, tmp_path, monkeypatch):
     """--precision bf16 embeds as `tandem serve --precision bf16` does; a build resumes only at the
     precision it started with, so one index never mixes fp32 and bf16 embeddings."""
-    real_write = indexing._write_chunk
-
-    def crash_after_first(parts, number, embeddings, records):
-        if number == 1:
-            raise KeyboardInterrupt
-        real_write(parts, number, embeddings, records)
-
-    monkeypatch.setattr(indexing, "_write_chunk", crash_after_first)
+    real_write = crash_after_the_first_chunk(monkeypatch)
     out = tmp_path / "idx"
     options = dict(chunk_size=50, batch_size=25, device="cpu")
     with pytest.raises(KeyboardInterrupt):
