@@ -246,6 +246,7 @@ def batches(url: str) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from serving.settings import PRECISIONS
     from training.launch import free_port
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=192, help="requests at concurrency 32 (8: a third, 1: 12)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the model")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="of every peer alike")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="of every peer alike")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--offline-seconds", type=float, default=4.0, help="each offline measurement's length")
     parser.add_argument("--soak-seconds", type=float, default=60.0,

@@ -44,3 +44,10 @@ def upright(image: Image.Image) -> Image.Image:
     if image.getexif().get(ORIENTATION, 1) not in range(2, 9):
         return image
     return ImageOps.exif_transpose(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image as the model sees it, the same in the loader and the server: 8 bits, upright,
+    RGB (``convert`` only when the mode is another: it would copy an RGB image)."""
+    image = upright(to_8bit(image))
+    return image if image.mode == "RGB" else image.convert("RGB")

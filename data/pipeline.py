@@ -46,7 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from data.modes import to_8bit, upright
+from data.modes import to_rgb
 from data.s3 import S3Settings, StoreError
 from data.shards import open_shard
 from training.errors import UserError
@@ -112,8 +112,7 @@ def decode_image(data: bytes, size: int | None) -> Image.Image:
         if size and image.format == "JPEG":
             image.draft("RGB", (size, size))
         image.load()
-        image = upright(to_8bit(image))
-        return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
+        return to_rgb(image)
     # PIL's format plugins raise a zoo of exception types on corrupt data (a fuzzed TIFF: TypeError);
     # every one of them means this sample is unusable, never that the run should end
     except Exception as error:  # noqa: BLE001

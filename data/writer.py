@@ -41,7 +41,7 @@ from PIL import Image, ImageOps
 
 from data import s3
 from data.files import add_tar_member
-from data.modes import to_8bit
+from data.modes import ORIENTATION, to_8bit
 from data.output import Output
 from training.errors import UserError
 
@@ -202,7 +202,7 @@ def encode_image(data: bytes, options: WriteOptions) -> tuple[bytes, dict]:
     try:
         image = Image.open(io.BytesIO(data))
         original = image.size
-        oriented = image.getexif().get(0x0112, 1) == 1  # EXIF orientation: pixels stored upright
+        oriented = image.getexif().get(ORIENTATION, 1) == 1  # pixels stored upright
         too_big = bool(options.max_size) and max(original) > options.max_size
         if image.format == "JPEG" and image.mode in ("RGB", "L") and oriented and not too_big:
             image.load()  # a truncated or corrupt JPEG fails here, not in the training loader

@@ -1,10 +1,9 @@
 """Request bytes -> model inputs: base64, image decoding with a pixel cap, the eval transform.
 
 Images decode exactly as ``tandem eval`` and ``tandem index`` decode them (``data.pipeline.decode_image``:
-JPEGs at the smallest DCT scale still >= the model's input side, high-bit-depth images scaled to 8
-bits by the shared ``data.modes.to_8bit`` and set upright by its EXIF orientation (``upright``),
-then RGB), so the server's predictions and searches equal
-what evaluation measured and the index holds. That function cannot be imported here (``data.pipeline``
+JPEGs at the smallest DCT scale still >= the model's input side, then the shared ``data.modes.to_rgb``:
+high-bit-depth images scaled to 8 bits, set upright by their EXIF orientation, RGB), so the server's
+predictions and searches equal what evaluation measured and the index holds. That function cannot be imported here (``data.pipeline``
 pulls in webdataset); a test checks the two agree, mode by mode.
 """
 
@@ -19,7 +18,7 @@ from typing import Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from data.modes import to_8bit, upright
+from data.modes import to_rgb
 from serving.errors import BadInput, TooLarge
 
 SCALED_CROPS = 16  # under a low --max-pixels, an image scaled for the model may still be this many crops
@@ -61,8 +60,7 @@ def decode_image(data: bytes, size: int, max_pixels: int, what: str = "image") -
         if image.format == "JPEG":
             image.draft("RGB", (size, size))
         image.load()
-        image = upright(to_8bit(image))  # convert("RGB") alone clips a 16-bit PNG to near-white
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb(image)  # convert("RGB") alone would clip a 16-bit PNG to near-white
     except TooLarge:
         raise
     except Image.DecompressionBombError as error:

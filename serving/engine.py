@@ -17,6 +17,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from serving.settings import PRECISIONS
 from serving.text import BoundedTokenizer
 from training.errors import UserError
 from training.model import register_configs
@@ -106,9 +107,6 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         raise UserError(f"device '{device}' asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
     return resolved
-
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 MAX_BODY_MB = 1024
+PRECISIONS = ("fp32", "bf16")  # of the forward passes: --precision of tandem serve and tandem index
 
 
 def body_bytes(megabytes: float) -> int:

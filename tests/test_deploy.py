@@ -504,18 +504,8 @@ class Rehearsal:
     def log(self, node: int, tail: int = 6000) -> str:
         return (self.root / f"node{node}.log").read_text()[-tail:]
 
-    def dump_stacks(self, node: int) -> None:
-        """SIGUSR1 to the node's processes (the agent, its ranks, their loader workers): each prints
-        its threads' stacks to the node's log (training.cli.dump_stacks_on_sigusr1) and runs on."""
-        with contextlib.suppress(psutil.NoSuchProcess):
-            agent = psutil.Process(self.procs[node].pid)
-            for proc in [agent, *agent.children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.send_signal(signal.SIGUSR1)
-                    time.sleep(1)  # one at a time: they share the log
-
-    def kill(self, node: int) -> None:
-        """SIGKILL the node's whole process tree, as a pod's death ends every process in it.
+    def signal_tree(self, node: int, sig: int, pause: float = 0.0) -> None:
+        """``sig`` to the node's whole process tree: the agent, its ranks, their loader workers.
         (torchrun starts each worker in a session of its own, so its process group is not enough.)"""
         try:
             agent = psutil.Process(self.procs[node].pid)
@@ -524,7 +514,17 @@ class Rehearsal:
             return
         for proc in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(sig)
+                time.sleep(pause)
+
+    def dump_stacks(self, node: int) -> None:
+        """Each of the node's processes prints its threads' stacks to the node's log and runs on
+        (training.cli.dump_stacks_on_sigusr1): one at a time, as they share the log."""
+        self.signal_tree(node, signal.SIGUSR1, pause=1.0)
+
+    def kill(self, node: int) -> None:
+        """SIGKILL the node's whole process tree, as a pod's death ends every process in it."""
+        self.signal_tree(node, signal.SIGKILL)
 
     def close(self) -> None:
         for node, proc in enumerate(self.procs):

@@ -54,12 +54,18 @@ def check_view_sizes(cfg: Config, model_cfg: dict) -> None:
                         "images: set method.small_crops=0")
 
 
+def checkpoint_folders(directory: Path) -> list[Path]:
+    """The complete checkpoints in ``directory``, oldest first: a checkpoint folder takes its ``step*``
+    name only once written whole (``distributed.save_checkpoint``)."""
+    return sorted(p for p in Path(directory).glob("step*") if p.is_dir())
+
+
 def check_run_start(run_dir: Path, resume: str | None) -> None:
     """A start without ``--resume`` must not train over a run's checkpoints: its logs, config and
     ``latest`` would mix with the old run's, and pruning would count the old run's checkpoints."""
-    folders = sorted(p.name for p in (Path(run_dir) / "checkpoints").glob("step*") if p.is_dir())
+    folders = checkpoint_folders(Path(run_dir) / "checkpoints")
     if not resume and folders:
-        raise UserError(f"train.run_dir {run_dir} holds a run's checkpoints (newest {folders[-1]}): resume it "
+        raise UserError(f"train.run_dir {run_dir} holds a run's checkpoints (newest {folders[-1].name}): resume it "
                         "with --resume latest, or train into a new train.run_dir")
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data.framings import FRAMINGS
+from serving.settings import PRECISIONS
 from training.config import METHOD_NAMES
 from training.errors import CollectiveError, UserError
 
@@ -93,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_int_in(0, 65535), default=8000)
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    serve.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="bf16: forward passes under bf16 autocast (needs AVX512-BF16/AMX or an Ampere+ GPU)")
     serve.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass (1: no batching)")
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch")
@@ -118,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--batch-size", type=_int_in(1), default=256)
     index.add_argument("--chunk-size", type=_int_in(1), default=8192, help="embeddings per resumable chunk")
     index.add_argument("--device", default="auto")
-    index.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    index.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="of the forward passes, as tandem serve's (a resumed build keeps its own)")
     index.add_argument("--overwrite", action="store_true",
                        help="rebuild a finished index, or start an unfinished one over")

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from data.files import atomic_write
+from training.checks import checkpoint_folders
 from training.errors import CollectiveError, UserError
 from training.launch import free_port, launched
 
@@ -534,7 +535,7 @@ def _misfit(tag: str, detail: str) -> CollectiveError:
 
 def _earlier(folder: Path) -> str:
     """What to resume from instead of the checkpoint in ``folder``."""
-    earlier = sorted(p.name for p in folder.parent.glob("step*") if p.is_dir() and p.name < folder.name)
+    earlier = [p.name for p in checkpoint_folders(folder.parent) if p.name < folder.name]
     return f"resume from an earlier one (--resume {earlier[-1]})" if earlier else "no earlier one is left"
 
 

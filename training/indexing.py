@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from data.files import atomic_replace, atomic_write
 from data.pipeline import StreamSpec, make_loader
 from data.shards import count_samples, expand_shards
 from serving.engine import check_model, load_engine
@@ -42,12 +42,6 @@ KINDS = ("flat", "ivf", "hnsw")
 IVF_TRAIN_PER_LIST = 256  # training points per IVF list (FAISS wants >= 39)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _record(key: str, caption: str, meta: dict[str, Any]) -> dict[str, Any]:
     """A sample's metadata record; ``url`` only when the sample's json has a string there (it stays in meta)."""
     url = meta.get("url")
@@ -57,11 +51,13 @@ def _record(key: str, caption: str, meta: dict[str, Any]) -> dict[str, Any]:
 def _write_chunk(parts: Path, number: int, embeddings: list[np.ndarray], records: list[dict]) -> None:
     """One chunk's ``[n, D]`` embeddings and n metadata lines (the progress file is updated after)."""
     stem = parts / f"chunk-{number:05d}"
-    tmp = stem.with_suffix(".npy.tmp")
-    with open(tmp, "wb") as out:
-        np.save(out, np.concatenate(embeddings).astype(np.float32))
-    os.replace(tmp, stem.with_suffix(".npy"))
-    _write_atomic(stem.with_suffix(".jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    atomic_replace(stem.with_suffix(".npy"), lambda tmp: _save_npy(tmp, np.concatenate(embeddings).astype(np.float32)))
+    atomic_write(stem.with_suffix(".jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as out:  # np.save given a name would add ".npy" to one that lacks it
+        np.save(out, array)
 
 
 def _load_progress(parts: Path, identity: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +89,7 @@ def _embed_chunks(engine, urls: list[str], parts: Path, progress: dict[str, Any]
     def flush(cursor: int) -> None:
         _write_chunk(parts, progress["chunks"], embeddings, records)
         progress.update(chunks=progress["chunks"] + 1, cursor=cursor, count=progress["count"] + len(records))
-        _write_atomic(parts / PROGRESS, json.dumps(progress).encode())
+        atomic_write(parts / PROGRESS, json.dumps(progress).encode())
         log.info("chunk %d written (%d items so far)", progress["chunks"], progress["count"])
         embeddings.clear()
         records.clear()
@@ -144,20 +140,22 @@ def _finish(out: Path, parts: Path, progress: dict[str, Any], kind: str, nlist: 
             raise UserError(f"--nlist {index.nlist} is more than the {count} items to index")
         index.train(_training_sample(chunks, count, index.nlist * IVF_TRAIN_PER_LIST))
     offsets = [0]
-    with open(out / (META_FILE + ".tmp"), "wb") as meta:
-        for chunk in chunks:
-            index.add(np.ascontiguousarray(np.load(chunk.with_suffix(".npy"))))
-            for line in chunk.with_suffix(".jsonl").read_bytes().splitlines(keepends=True):
-                meta.write(line)
-                offsets.append(offsets[-1] + len(line))
-    os.replace(out / (META_FILE + ".tmp"), out / META_FILE)
+
+    def add_chunks(tmp: Path) -> None:  # the index's vectors and the metadata file, chunk by chunk
+        with open(tmp, "wb") as meta:
+            for chunk in chunks:
+                index.add(np.ascontiguousarray(np.load(chunk.with_suffix(".npy"))))
+                for line in chunk.with_suffix(".jsonl").read_bytes().splitlines(keepends=True):
+                    meta.write(line)
+                    offsets.append(offsets[-1] + len(line))
+
+    atomic_replace(out / META_FILE, add_chunks)
     np.save(out / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
-    faiss.write_index(index, str(out / (INDEX_FILE + ".tmp")))
-    os.replace(out / (INDEX_FILE + ".tmp"), out / INDEX_FILE)
+    atomic_replace(out / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
     manifest = {"count": count, "dim": dim, "kind": kind, "model": progress["model"],
                 "weights_sha256": progress["weights_sha256"], "precision": progress["precision"], "model_cfg": model_cfg,
                 "shards": progress["shards"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    atomic_write(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     shutil.rmtree(parts)
     return manifest
 

@@ -21,7 +21,7 @@ import torch
 from data.pipeline import StreamSpec, make_loader
 from data.shards import count_samples, expand_shards, split_sources
 from training import distributed
-from training.checks import parse_weights, s3_settings
+from training.checks import checkpoint_folders, parse_weights, s3_settings
 from training.config import Config, LossConfig, to_toml
 from training.errors import CollectiveError
 from training.evaluate import evaluate
@@ -401,7 +401,7 @@ class Trainer:
     def _checkpoint_folders(self) -> list[Path]:
         """This run's checkpoints, oldest first: not those it superseded by resuming from an earlier
         one (neither pruning nor the divergence message counts them)."""
-        return sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir() and p.name not in self.superseded)
+        return [p for p in checkpoint_folders(self.ckpt_dir) if p.name not in self.superseded]
 
     def _prune_checkpoints(self, keep: str) -> None:
         tags = self._checkpoint_folders()
